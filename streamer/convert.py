@@ -1,0 +1,178 @@
+"""`streamer convert`: write a model in the on-flash layout; `streamer verify`: check one.
+
+The converter reads any source (`streamer.sources`) one tensor and one layer at a time, writes the
+resident part as safetensors and the FFN as neuron bundles (`streamer.layout`), checksums each
+layer region, and writes the manifest last. It builds into a temporary sibling directory and
+renames it into place, so an interrupted conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from streamer.errors import ModelFormatError
+from streamer.layout import (
+    FFN_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    RESIDENT_FILE,
+    BundleLayout,
+    ConvertedModel,
+    dtype_name,
+    parse_dtype,
+    read_manifest,
+    sha256_file,
+)
+from streamer.sources import Source
+
+
+def source_fingerprint(source: Source) -> str:
+    """Identifies the model a source holds: its config and its tensors' shapes and first values."""
+    h = hashlib.sha256(json.dumps(source.config.to_dict(), sort_keys=True).encode())
+    for name in ("embed.weight", "layers.0.attn.wq.weight"):
+        t = source.resident(name)
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.flatten()[:4096].float().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class ConvertResult:
+    directory: Path
+    converted: bool  # False when OUT already held this model
+    bytes_written: int
+
+
+def convert(
+    source: Source,
+    out: str | os.PathLike,
+    dtype: str = "float16",
+    force: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    out = Path(out).expanduser()
+    torch_dtype = parse_dtype(dtype)
+    fingerprint = source_fingerprint(source)
+    if out.exists():
+        if not out.is_dir():
+            raise ModelFormatError(f"{out} exists and is not a directory")
+        if (out / MANIFEST).exists():
+            try:
+                old = read_manifest(out)
+            except ModelFormatError:
+                old = {}
+            same = (
+                old.get("source", {}).get("fingerprint") == fingerprint
+                and old.get("dtype") == dtype
+            )
+            if same and not force:
+                return ConvertResult(out, False, 0)
+            if not force:
+                held = old.get("source", {}).get("description", "another model")
+                raise ModelFormatError(
+                    f"{out} already holds another model ({held}, "
+                    f"{old.get('dtype')}); pick another directory or pass "
+                    "--force to replace it"
+                )
+        elif any(out.iterdir()):
+            raise ModelFormatError(
+                f"{out} is not empty and holds no converted model; refusing to write into it"
+            )
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        written = _write(source, tmp, torch_dtype, fingerprint, progress)
+        if out.exists():
+            # Only ever an empty directory or one of our converted models (checked above).
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ConvertResult(out, True, written)
+
+
+def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, progress: bool) -> int:
+    from safetensors.torch import save_file
+
+    cfg = source.config
+    layout = BundleLayout.for_config(cfg, dtype)
+    names = source.resident_names()
+    with tqdm(
+        total=len(names) + cfg.n_layers, desc="convert", unit="part", disable=not progress
+    ) as bar:
+        bar.set_postfix_str("resident")
+        resident = {}
+        for n in names:
+            resident[n] = source.resident(n).to(dtype).contiguous()
+            bar.update(1)
+        save_file(resident, str(tmp / RESIDENT_FILE), metadata={"format": FORMAT})
+        del resident
+        layers = []
+        bar.set_postfix_str("ffn bundles")
+        with (tmp / FFN_FILE).open("wb") as f:
+            for i in range(cfg.n_layers):
+                records = layout.pack(source.ffn(i)).numpy()
+                assert f.tell() == layout.layer_offsets[i]
+                f.write(memoryview(records))
+                layers.append(
+                    {
+                        "offset": layout.layer_offsets[i],
+                        "n_neurons": layout.n_neurons,
+                        "bytes": layout.layer_bytes,
+                        "sha256": hashlib.sha256(memoryview(records)).hexdigest(),
+                    }
+                )
+                bar.update(1)
+    spec = source.tokenizer()
+    if spec is not None:
+        spec.save(tmp)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": {"description": source.description, "fingerprint": fingerprint},
+        "config": cfg.to_dict(),
+        "dtype": dtype_name(dtype),
+        "bundle": layout.to_dict(),
+        "ffn": {"file": FFN_FILE, "bytes": layout.file_bytes},
+        "layers": layers,
+        "resident": {
+            "file": RESIDENT_FILE,
+            "bytes": (tmp / RESIDENT_FILE).stat().st_size,
+            "sha256": sha256_file(tmp / RESIDENT_FILE),
+        },
+        "tokenizer": spec is not None,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return layout.file_bytes + manifest["resident"]["bytes"]
+
+
+def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
+    """Every problem found in a converted model (empty when it is intact)."""
+    directory = Path(directory)
+    try:
+        model = ConvertedModel(directory)
+    except ModelFormatError as e:
+        return [str(e)]
+    m, problems = model.manifest, []
+    res = m["resident"]
+    if sha256_file(directory / RESIDENT_FILE) != res["sha256"]:
+        problems.append(f"{RESIDENT_FILE}: checksum mismatch")
+    for i, layer in enumerate(tqdm(m["layers"], desc="verify", unit="layer", disable=not progress)):
+        if sha256_file(model.ffn_path, layer["offset"], layer["bytes"]) != layer["sha256"]:
+            problems.append(
+                f"{FFN_FILE}: layer {i} checksum mismatch (bytes {layer['offset']}"
+                f"..{layer['offset'] + layer['bytes']})"
+            )
+    if m.get("tokenizer") and not (directory / "tokenizer.json").is_file():
+        problems.append("tokenizer.json is missing")
+    return problems

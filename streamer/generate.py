@@ -1,0 +1,112 @@
+"""Token generation: prefill the prompt, then decode one token at a time until EOS or the limit.
+
+Greedy at temperature 0; otherwise temperature and top-p (nucleus) sampling from a seeded
+generator, so a run is reproducible. `Generation` is an iterator of token ids that keeps the run's
+timings in `summary` once it is exhausted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamer.errors import ConfigError
+from streamer.model import Transformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits: [vocab] -> one token id."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@dataclass
+class Generation:
+    """Iterate to get generated token ids; `summary` holds counts and timings afterwards."""
+
+    model: Transformer
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str | None = None
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        limit = self.model.cfg.max_positions
+        if len(self.prompt_ids) + self.params.max_tokens > limit:
+            raise ConfigError(
+                f"prompt ({len(self.prompt_ids)} tokens) + max_tokens "
+                f"({self.params.max_tokens}) exceeds the model's context of {limit}"
+            )
+
+    def __iter__(self) -> Iterator[int]:
+        model, p = self.model, self.params
+        gen = torch.Generator().manual_seed(p.seed)
+        cache = model.new_cache(len(self.prompt_ids) + p.max_tokens)
+        t0 = time.perf_counter()
+        logits = model.forward(torch.tensor(self.prompt_ids), cache, last_only=True)[-1]
+        self.prefill_ms = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        while True:
+            token = sample(logits, p, gen)
+            self.token_ids.append(token)
+            yield token
+            if token in p.stop_ids:
+                self.stop_reason = "eos"
+                break
+            if len(self.token_ids) >= p.max_tokens:
+                self.stop_reason = "length"
+                break
+            logits = model.forward(torch.tensor([token]), cache)[-1]
+        self.decode_ms = (time.perf_counter() - t0) * 1e3
+
+    def run(self) -> list[int]:
+        for _ in self:
+            pass
+        return self.token_ids
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        n = len(self.token_ids)
+        # The first token comes from the prefill's logits; each later one costs a decode step.
+        steps = max(n - 1, 1)
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": n,
+            "stop_reason": self.stop_reason,
+            "prefill_ms": round(self.prefill_ms, 3),
+            "decode_ms": round(self.decode_ms, 3),
+            "ms_per_token": round(self.decode_ms / steps, 3),
+            "tokens_per_s": round(steps / (self.decode_ms / 1e3), 3) if self.decode_ms else None,
+        }

@@ -1,0 +1,235 @@
+"""The on-flash layout of a converted model, and the source that reads it.
+
+A converted model directory holds:
+
+- `resident.safetensors`: what stays in DRAM for good (embeddings, attention, norms, LM head, FFN
+  biases): the paper's selective persistence;
+- `ffn.bin`: every layer's FFN as neuron bundles. Bundle i of layer l is one record holding what
+  neuron i needs, part after part (Llama: gate row i, up row i, down column i; OPT and Falcon:
+  up, down),
+  each `d_model` values of the stored dtype, padded to `stride` bytes, a multiple of 4096, so that
+  every record starts on a 4 KiB boundary and can be read with O_DIRECT into an aligned buffer.
+  Layers follow each other; layer l's region starts at `layers[l].offset`;
+- `manifest.json`: the architecture, dtype, record layout, offsets, file sizes, a format version
+  and a SHA-256 per layer region (checked by `streamer verify`);
+- `tokenizer.json` and `tokenizer_config.json` when the source had a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamer.config import ModelConfig
+from streamer.errors import ModelFormatError
+from streamer.model import FFNWeights
+from streamer.sources import ffn_from_resident, resident_names
+from streamer.tokenizer import TokenizerSpec
+
+FORMAT = "streamer-flash"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+ALIGN = 4096
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelFormatError(f"dtype {name!r} is not supported (supported: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """Where neuron bundles sit in `ffn.bin` and how a record splits into its parts."""
+
+    parts: tuple[str, ...]  # ("gate", "up", "down") or ("up", "down")
+    d_model: int
+    dtype: torch.dtype
+    n_neurons: int
+    stride: int  # bytes per record, a multiple of ALIGN
+    layer_offsets: tuple[int, ...]
+
+    @classmethod
+    def for_config(cls, cfg: ModelConfig, dtype: torch.dtype) -> BundleLayout:
+        parts = ("gate", "up", "down") if cfg.gated else ("up", "down")
+        record = len(parts) * cfg.d_model * dtype.itemsize
+        stride = -(-record // ALIGN) * ALIGN
+        offsets = tuple(i * cfg.d_ffn * stride for i in range(cfg.n_layers))
+        return cls(parts, cfg.d_model, dtype, cfg.d_ffn, stride, offsets)
+
+    @property
+    def record_bytes(self) -> int:
+        return len(self.parts) * self.d_model * self.dtype.itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.n_neurons * self.stride
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.layer_offsets) * self.layer_bytes
+
+    def offset(self, layer: int, neuron: int) -> int:
+        return self.layer_offsets[layer] + neuron * self.stride
+
+    def pack(self, w: FFNWeights) -> torch.Tensor:
+        """One layer's matrices into records: [n_neurons, stride] bytes."""
+        d, n = self.d_model, self.n_neurons
+        rec = torch.zeros(n, self.stride // self.dtype.itemsize, dtype=self.dtype)
+        for j, part in enumerate(self.parts):
+            m = getattr(w, part)
+            if m is None or tuple(m.shape) != (n, d):
+                raise ModelFormatError(
+                    f"FFN {part} has shape {None if m is None else tuple(m.shape)}"
+                    f", expected {(n, d)}"
+                )
+            rec[:, j * d : (j + 1) * d] = m
+        return rec.view(torch.uint8)
+
+    def unpack(self, records: torch.Tensor) -> dict[str, torch.Tensor]:
+        """records: [k, stride] bytes -> {part: [k, d]} views in the stored dtype."""
+        d = self.d_model
+        rows = records.view(self.dtype)
+        return {part: rows[:, j * d : (j + 1) * d] for j, part in enumerate(self.parts)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parts": list(self.parts),
+            "d_model": self.d_model,
+            "dtype": dtype_name(self.dtype),
+            "n_neurons": self.n_neurons,
+            "record_bytes": self.record_bytes,
+            "stride": self.stride,
+            "alignment": ALIGN,
+        }
+
+
+def sha256_file(
+    path: Path, offset: int = 0, length: int | None = None, chunk: int = 8 << 20
+) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(offset)
+        left = os.path.getsize(path) - offset if length is None else length
+        while left > 0:
+            block = f.read(min(chunk, left))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(
+            f"{directory}: no {MANIFEST} (not a converted model; run `streamer convert` first)"
+        ) from None
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ModelFormatError(f"{path}: not a {FORMAT} manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path}: format version {m.get('format_version')!r}; this engine "
+            f"reads version {FORMAT_VERSION} (convert the model again)"
+        )
+    return m
+
+
+class ConvertedModel:
+    """A converted model directory as a `Source` (the engine's native format)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.manifest = m = read_manifest(self.directory)
+        try:
+            self.config = ModelConfig.from_dict(m["config"])
+            self.dtype = parse_dtype(m["dtype"])
+            self.layout = BundleLayout.for_config(self.config, self.dtype)
+            expected = self.layout.to_dict()
+            if m["bundle"] != expected:
+                raise ModelFormatError(
+                    f"{self.directory}: bundle layout {m['bundle']} does not "
+                    f"match the config (expected {expected})"
+                )
+            offsets = tuple(layer["offset"] for layer in m["layers"])
+        except (KeyError, TypeError) as e:
+            raise ModelFormatError(
+                f"{self.directory / MANIFEST}: missing or bad field {e}"
+            ) from None
+        if offsets != self.layout.layer_offsets:
+            raise ModelFormatError(
+                f"{self.directory / MANIFEST}: layer offsets do not match the bundle layout"
+            )
+        for name, size in (
+            (FFN_FILE, self.layout.file_bytes),
+            (RESIDENT_FILE, m["resident"]["bytes"]),
+        ):
+            path = self.directory / name
+            actual = path.stat().st_size if path.exists() else None
+            if actual != size:
+                raise ModelFormatError(
+                    f"{path}: {'missing' if actual is None else actual} bytes, "
+                    f"manifest says {size} (truncated or replaced; run "
+                    "`streamer verify`)"
+                )
+        self.ffn_path = self.directory / FFN_FILE
+        self.description = f"converted model {self.directory}"
+        self._resident = None
+
+    def _resident_file(self):
+        if self._resident is None:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._resident = safe_open(str(self.directory / RESIDENT_FILE), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ModelFormatError(f"{self.directory / RESIDENT_FILE}: {e}") from None
+        return self._resident
+
+    def resident_names(self) -> list[str]:
+        return resident_names(self.config)
+
+    def resident(self, name: str) -> torch.Tensor:
+        return self._resident_file().get_tensor(name)
+
+    def read_layer(self, layer: int) -> torch.Tensor:
+        """A whole layer's records, buffered read: [n_neurons, stride] bytes."""
+        lay = self.layout
+        arr = np.fromfile(
+            self.ffn_path, dtype=np.uint8, count=lay.layer_bytes, offset=lay.layer_offsets[layer]
+        )
+        return torch.from_numpy(arr).view(lay.n_neurons, lay.stride)
+
+    def ffn(self, layer: int) -> FFNWeights:
+        parts = self.layout.unpack(self.read_layer(layer))
+        return ffn_from_resident(
+            self.resident,
+            self.config,
+            layer,
+            up=parts["up"],
+            down=parts["down"],
+            gate=parts.get("gate"),
+        )
+
+    def tokenizer(self) -> TokenizerSpec | None:
+        return TokenizerSpec.from_hf_dir(self.directory)

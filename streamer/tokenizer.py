@@ -1,0 +1,190 @@
+"""Text to token ids and back, with the model's chat template.
+
+Built on the `tokenizers` library. A Hugging Face directory brings its `tokenizer.json`; a GGUF
+file only lists its tokens and merges in metadata, so we rebuild the byte-level BPE from them the
+way llama.cpp reads them (including the pre-tokenizer its `tokenizer.ggml.pre` names). A converted
+model stores the tokenizer as `tokenizer.json` + `tokenizer_config.json`, as an HF dir does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamer.config import ModelConfig
+from streamer.errors import ModelFormatError
+
+# llama.cpp's pre-tokenizer regexes, by the name a GGUF gives in tokenizer.ggml.pre.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+@dataclass
+class TokenizerSpec:
+    """A tokenizer plus what generation needs to know about it."""
+
+    tokenizer_json: str
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def build(self) -> Tokenizer:
+        return Tokenizer(self)
+
+    def save(self, directory: Path) -> None:
+        (directory / "tokenizer.json").write_text(self.tokenizer_json)
+        cfg = {
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+
+    @classmethod
+    def from_hf_dir(cls, directory: Path, cfg: ModelConfig | None = None) -> TokenizerSpec | None:
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            return None
+        tc: dict[str, Any] = {}
+        if (directory / "tokenizer_config.json").is_file():
+            try:
+                tc = json.loads((directory / "tokenizer_config.json").read_text())
+            except ValueError as e:
+                raise ModelFormatError(
+                    f"{directory}/tokenizer_config.json: bad JSON ({e})"
+                ) from None
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja = directory / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text()
+
+        def token(v: Any) -> str | None:
+            return v.get("content") if isinstance(v, dict) else v
+
+        return cls(
+            path.read_text(), template, token(tc.get("bos_token")), token(tc.get("eos_token"))
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> TokenizerSpec:
+        from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelFormatError(
+                f"GGUF tokenizer type {kind!r} is not supported (only 'gpt2' "
+                "byte-level BPE); convert the Hugging Face directory instead"
+            )
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+        tok = HFTokenizer(
+            BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+        )
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre in _GGUF_SPLITS:
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        elif pre == "smollm":  # digits one by one, then GPT-2's split (llama.cpp's "smollm")
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+                ]
+            )
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types, strict=False)
+                if ty == _CONTROL
+            ]
+        )
+        tok.add_tokens(
+            [
+                AddedToken(t, normalized=False)
+                for t, ty in zip(tokens, types, strict=False)
+                if ty == _USER_DEFINED
+            ]
+        )
+
+        def name(key: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+        bos = name("bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, int(meta["tokenizer.ggml.bos_token_id"]))],
+            )
+        return cls(tok.to_str(), meta.get("tokenizer.chat_template"), bos, name("eos_token_id"))
+
+
+class Tokenizer:
+    def __init__(self, spec: TokenizerSpec) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.spec = spec
+        try:
+            self.tok = HFTokenizer.from_str(spec.tokenizer_json)
+        except Exception as e:
+            raise ModelFormatError(f"tokenizer.json cannot be read ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat(self, prompt: str, system: str | None = None) -> list[int]:
+        """Token ids of one user turn wrapped in the model's chat template, ready for the reply."""
+        if not self.spec.chat_template:
+            raise ModelFormatError("this model has no chat template; drop --chat")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        try:
+            text = env.from_string(self.spec.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.spec.bos_token or "",
+                eos_token=self.spec.eos_token or "",
+            )
+        except TemplateError as e:
+            raise ModelFormatError(f"the model's chat template failed: {e}") from None
+        # The template writes any BOS itself, as transformers' apply_chat_template assumes.
+        return self.encode(text, add_special_tokens=False)

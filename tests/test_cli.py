@@ -1,0 +1,116 @@
+"""The `streamer` command end to end, as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamer.registry import default_gguf
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def streamer(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"streamer {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("command", ["", "convert", "verify", "generate"])
+def test_help(command):
+    proc = streamer(*([command] if command else []), "--help")
+    assert "usage: streamer" in proc.stdout
+
+
+@pytest.mark.slow
+def test_convert_then_generate_every_model_kind(tmp_path):
+    out = tmp_path / "smol"
+    proc = streamer("convert", "default", str(out))
+    assert f"-> {out}" in proc.stdout
+    assert streamer("verify", str(out)).stdout.startswith("ok ")
+    runs = {}
+    for model in (str(out), str(default_gguf()), "default"):
+        proc = streamer(
+            "generate",
+            model,
+            "--prompt",
+            PROMPT,
+            "--chat",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--json",
+        )
+        result = json.loads(proc.stdout)
+        assert set(result) >= {"token_ids", "text", "summary"}
+        assert len(result["token_ids"]) == result["summary"]["generated_tokens"] == 12
+        assert result["summary"]["prompt_tokens"] == len(result["prompt_token_ids"])
+        assert result["summary"]["ms_per_token"] > 0
+        runs[model] = result
+    # A converted directory, the GGUF itself and `default` decode alike.
+    first = runs[str(out)]
+    assert all(r["token_ids"] == first["token_ids"] for r in runs.values())
+    assert len(first["text"].split()) >= 5
+
+    # Without --json the same text streams to stdout.
+    proc = streamer(
+        "generate",
+        str(out),
+        "--prompt",
+        PROMPT,
+        "--chat",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    )
+    assert proc.stdout.strip() == first["text"].strip()
+
+
+def test_generate_from_hf_directory(hf_model):
+    proc = streamer(
+        "generate",
+        str(hf_model("opt")),
+        "--prompt",
+        "the quick brown fox",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    )
+    result = json.loads(proc.stdout)
+    assert len(result["token_ids"]) == 5
+    assert result["summary"]["stop_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "/no/such/model", "--prompt", "hi"], "not found"),
+        (["convert", "/no/such/model", "/tmp/x"], "not found"),
+        (["generate", "default", "--prompt", "hi", "--max-tokens", "0"], "max_tokens must be"),
+        (["generate", "default", "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    proc = streamer(*args, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_convert_refuses_a_directory_holding_another_model(hf_model, tmp_path):
+    out = tmp_path / "m"
+    streamer("convert", str(hf_model("llama")), str(out))
+    assert "nothing to do" in streamer("convert", str(hf_model("llama")), str(out)).stdout
+    proc = streamer("convert", str(hf_model("opt")), str(out), check=False)
+    assert proc.returncode == 2 and "already holds another model" in proc.stderr

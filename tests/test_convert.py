@@ -1,0 +1,177 @@
+"""The flash layout converter: bundles, alignment, manifest, verify, and its clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from streamer.convert import convert, verify
+from streamer.errors import ModelFormatError
+from streamer.layout import ALIGN, ConvertedModel
+from streamer.sources import HFSource, load_dense, open_source
+from tests.models import make_hf_model
+from tests.test_model import PROMPT, greedy_with_logits
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "falcon", "falcon-newarch"])
+def test_converted_float32_decodes_like_the_source(family, hf_model, tmp_path):
+    src = HFSource(hf_model(family))
+    out = convert(src, tmp_path / "m", dtype="float32", progress=False).directory
+    converted = open_source(out)
+    assert isinstance(converted, ConvertedModel)
+    tokens, ref = greedy_with_logits(load_dense(src), PROMPT, 16)
+    tokens2, ours = greedy_with_logits(load_dense(converted), PROMPT, 16)
+    assert tokens2 == tokens
+    assert torch.equal(ours, ref)  # float32 storage is lossless
+
+
+def test_float16_conversion_stays_close(hf_model, tmp_path):
+    src = HFSource(hf_model("llama"))
+    out = convert(src, tmp_path / "m", progress=False).directory  # float16 by default
+    _, ref = greedy_with_logits(load_dense(src), PROMPT, 4)
+    _, ours = greedy_with_logits(load_dense(open_source(out)), PROMPT, 4)
+    assert 0 < (ours - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize(
+    "family,parts", [("llama", ("gate", "up", "down")), ("opt", ("up", "down"))]
+)
+def test_bundles_hold_each_neurons_vectors_aligned(family, parts, hf_model, tmp_path):
+    src = HFSource(hf_model(family))
+    out = convert(src, tmp_path / "m", dtype="float32", progress=False).directory
+    m = json.loads((out / "manifest.json").read_text())
+    d, n = src.config.d_model, src.config.d_ffn
+    assert m["bundle"]["parts"] == list(parts)
+    assert m["bundle"]["stride"] % ALIGN == 0
+    assert m["bundle"]["stride"] >= m["bundle"]["record_bytes"] == len(parts) * d * 4
+    raw = (out / "ffn.bin").read_bytes()
+    assert len(raw) == src.config.n_layers * n * m["bundle"]["stride"]
+    for layer in range(src.config.n_layers):
+        info = m["layers"][layer]
+        assert info["offset"] % ALIGN == 0
+        want = src.ffn(layer)
+        for neuron in (0, 1, n // 2, n - 1):
+            start = info["offset"] + neuron * m["bundle"]["stride"]
+            record = torch.frombuffer(
+                bytearray(raw[start : start + len(parts) * d * 4]), dtype=torch.float32
+            )
+            for j, part in enumerate(parts):
+                assert torch.equal(record[j * d : (j + 1) * d], getattr(want, part)[neuron])
+            # Padding after the record is zeros.
+            pad = raw[start + len(parts) * d * 4 : start + m["bundle"]["stride"]]
+            assert pad == bytes(len(pad))
+
+
+def test_manifest_describes_the_model(hf_model, tmp_path):
+    src = HFSource(hf_model("falcon"))
+    out = convert(src, tmp_path / "m", progress=False).directory
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "streamer-flash" and m["format_version"] == 1
+    assert m["config"]["family"] == "falcon" and m["config"]["activation"] == "relu"
+    assert m["dtype"] == "float16"
+    assert m["ffn"]["bytes"] == (out / "ffn.bin").stat().st_size
+    assert m["resident"]["bytes"] == (out / "resident.safetensors").stat().st_size
+    assert all(len(layer["sha256"]) == 64 for layer in m["layers"])
+    assert m["tokenizer"] and (out / "tokenizer.json").is_file()
+
+
+def test_verify_finds_a_flipped_byte_and_a_truncated_file(hf_model, tmp_path):
+    out = convert(HFSource(hf_model("opt")), tmp_path / "m", progress=False).directory
+    assert verify(out, progress=False) == []
+    m = json.loads((out / "manifest.json").read_text())
+    with (out / "ffn.bin").open("r+b") as f:
+        f.seek(m["layers"][1]["offset"] + 10)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    problems = verify(out, progress=False)
+    assert len(problems) == 1 and "layer 1 checksum mismatch" in problems[0]
+    with (out / "ffn.bin").open("r+b") as f:
+        f.truncate(m["ffn"]["bytes"] - ALIGN)
+    problems = verify(out, progress=False)
+    assert len(problems) == 1 and "truncated" in problems[0]
+    with pytest.raises(ModelFormatError, match="truncated"):
+        ConvertedModel(out)
+
+
+def test_reconverting_is_a_no_op_and_another_model_is_refused(hf_model, tmp_path):
+    out = tmp_path / "m"
+    assert convert(HFSource(hf_model("llama")), out, progress=False).converted
+    assert not convert(HFSource(hf_model("llama")), out, progress=False).converted
+    with pytest.raises(ModelFormatError, match="already holds another model"):
+        convert(HFSource(hf_model("opt")), out, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["config"]["family"] == "llama"
+    assert convert(HFSource(hf_model("opt")), out, force=True, progress=False).converted
+    assert json.loads((out / "manifest.json").read_text())["config"]["family"] == "opt"
+
+
+def test_refuses_a_non_empty_directory_without_a_model(hf_model, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(ModelFormatError, match="not empty"):
+        convert(HFSource(hf_model("llama")), tmp_path / "m", progress=False)
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_architecture_is_named(hf_model, tmp_path):
+    d = tmp_path / "gpt2"
+    shutil.copytree(hf_model("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="unsupported architecture.*GPT2LMHeadModel"):
+        open_source(d)
+
+
+def test_missing_and_truncated_shards_are_named(tmp_path):
+    d = make_hf_model("llama", tmp_path / "sharded")
+    # Re-save in several shards, as large checkpoints come.
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(d)
+    model.save_pretrained(d, max_shard_size="100KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert load_dense(open_source(d)).cfg.n_layers == 2  # sharded checkpoints load
+
+    shard = d / shards[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match=f"{shards[1]}: unreadable or truncated"):
+        open_source(d)
+    shard.unlink()
+    with pytest.raises(ModelFormatError, match=f"missing shard.*{shards[1]}"):
+        open_source(d)
+
+
+def test_unsupported_gguf_quantization_is_named(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "q2k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    # One Q2_K block (256 values in 84 bytes) per row.
+    w.add_tensor(
+        "token_embd.weight",
+        np.zeros((4, 84), dtype=np.uint8),
+        raw_dtype=gguf.GGMLQuantizationType.Q2_K,
+    )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFormatError, match="token_embd.weight.*Q2_K.*not supported"):
+        open_source(path)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(ModelFormatError, match="not found"):
+        open_source(tmp_path / "nope")
+    (tmp_path / "x.gguf").write_bytes(b"nope" * 10)
+    with pytest.raises(ModelFormatError, match="not a GGUF file"):
+        open_source(tmp_path / "x.gguf")
