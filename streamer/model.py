@@ -117,12 +117,11 @@ class Transformer:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.cfg = cfg
-        self.w = dict(weights)
+        self.w = weights  # a Mapping: the naive mode reads each tensor from flash on access
         self.ffn = ffn
         self.dtype = dtype
         self.inv_freq = rope_inv_freq(cfg) if cfg.positions == "rope" else None
-        if cfg.tie_embeddings:
-            self.w["lm_head.weight"] = self.w["embed.weight"]
+        self.lm_head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
 
     def new_cache(self, max_len: int) -> KVCache:
         if max_len > self.cfg.max_positions:
@@ -205,4 +204,4 @@ class Transformer:
             x = self.norm(x, "final_norm")
         if "proj_out.weight" in self.w:
             x = F.linear(x, self.w["proj_out.weight"])
-        return F.linear(x, self.w["lm_head.weight"]).float()
+        return F.linear(x, self.w[self.lm_head]).float()

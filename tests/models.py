@@ -171,3 +171,25 @@ def hf_logits(directory: Path, tokens: list[int]) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
+
+
+def make_sparse_opt(directory: Path, shift: float = 0.5, seed: int = 0, **overrides) -> Path:
+    """A random OPT whose FFN is sparse like a trained ReLU model's: fc1 biases shifted down,
+    some neurons more often active than others."""
+    import transformers
+
+    cls_name, kwargs = FAMILIES["opt"]
+    config = transformers.OPTConfig(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
+                                    pad_token_id=1, initializer_range=0.15,
+                                    **{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            n = layer.fc1.bias.shape[0]
+            # A spread of biases: a few neurons fire often, most rarely.
+            layer.fc1.bias.copy_(-shift * torch.linspace(0.2, 2.0, n)[torch.randperm(n)])
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    train_tokenizer().save(str(directory / "tokenizer.json"))
+    return directory

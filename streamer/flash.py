@@ -1,0 +1,198 @@
+"""Reading neuron bundles from flash: direct I/O into page-aligned buffers, many reads in flight.
+
+`FlashReader` opens a file with O_DIRECT so that the OS page cache never serves as hidden DRAM
+(the paper's cold-cache measurements). Where the filesystem refuses O_DIRECT (tmpfs, some
+network filesystems) it falls back to buffered reads followed by `posix_fadvise(DONTNEED)`, and
+says so once on stderr. Reads run on a thread pool of `os.preadv` calls (the GIL is released
+while the kernel reads); `concurrency` is how many are in flight. Adjacent bundles become one
+larger read. `probe_disk` measures what the disk itself can do with the same machinery.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamer.errors import ConfigError, StreamerError
+
+ALIGN = 4096
+_warned: set[str] = set()
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """Zeroed, page-aligned memory (an anonymous mmap) as a uint8 tensor; O_DIRECT needs this."""
+    mm = mmap.mmap(-1, max(nbytes, ALIGN))
+    arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
+    return torch.from_numpy(arr)  # keeps `mm` alive through the numpy base
+
+
+def merge_runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted neuron ids -> (first index, length) of each run of consecutive ids."""
+    if len(ids) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(ids)]))
+    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
+@dataclass
+class ReadStats:
+    bytes: int = 0
+    reads: int = 0
+    seconds: float = 0.0
+
+
+class FlashReader:
+    """Concurrent positional reads of one file, direct when the filesystem allows it."""
+
+    def __init__(self, path: str | os.PathLike, concurrency: int = 32, direct: bool = True,
+                 max_read: int = 1 << 20) -> None:
+        if not 1 <= concurrency <= 1024:
+            raise ConfigError(f"concurrency must be in [1, 1024], got {concurrency}")
+        if max_read < ALIGN or max_read % ALIGN:
+            raise ConfigError(f"max_read must be a positive multiple of {ALIGN}, got {max_read}")
+        self.path = str(path)
+        self.concurrency = concurrency
+        self.max_read = max_read
+        self.direct = False
+        if direct:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                probe = aligned_buffer(ALIGN)
+                os.preadv(self.fd, [probe.numpy()], 0)
+                self.direct = True
+            except OSError as e:
+                if getattr(self, "fd", None) is not None:
+                    os.close(self.fd)
+                self._warn_buffered(e)
+        if not self.direct:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise StreamerError(f"cannot open {self.path}: {e.strerror}") from None
+        self.size = os.fstat(self.fd).st_size
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flash")
+
+    def _warn_buffered(self, error: OSError) -> None:
+        fs = os.path.dirname(os.path.abspath(self.path))
+        if fs not in _warned:
+            _warned.add(fs)
+            print(f"WARNING: O_DIRECT refused for {self.path} ({error.strerror}); falling back "
+                  "to buffered reads with posix_fadvise(DONTNEED). Reads may be served from the "
+                  "page cache, so flash timings here are not cold-cache figures.", file=sys.stderr)
+
+    def close(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            self.pool.shutdown(wait=True)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> FlashReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pread(self, offset: int, view: memoryview) -> int:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0 and offset + done >= self.size:
+                break  # an aligned read may run past the end of the file: the rest stays as is
+            if n <= 0:
+                raise StreamerError(f"{self.path}: short read at byte {offset + done} "
+                                    f"(file truncated?)")
+            done += n
+        if not self.direct:
+            os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        return done
+
+    def read(self, requests: list[tuple[int, memoryview]], stats: ReadStats | None = None) -> int:
+        """Read each (file offset, destination) pair, `concurrency` at a time; bytes read.
+
+        With O_DIRECT, offsets, lengths and destinations must be 4096-aligned."""
+        t0 = time.perf_counter()
+        if len(requests) == 1:
+            total = self._pread(*requests[0])
+        else:
+            total = sum(self.pool.map(lambda r: self._pread(*r), requests))
+        if stats is not None:
+            stats.bytes += total
+            stats.reads += len(requests)
+            stats.seconds += time.perf_counter() - t0
+        return total
+
+    def chunked(self, offset: int, dest: torch.Tensor) -> list[tuple[int, memoryview]]:
+        """Requests reading dest.numel() bytes at offset in chunks of at most max_read."""
+        view = memoryview(dest.numpy()).cast("B")
+        return [(offset + i, view[i:i + self.max_read])
+                for i in range(0, len(view), self.max_read)]
+
+
+def probe_disk(path: str | os.PathLike, chunk_sizes: list[int], concurrencies: list[int],
+               seconds: float = 1.0, file_bytes: int = 1 << 30) -> list[dict]:
+    """Random-read throughput of the disk holding `path`, by chunk size and concurrency.
+
+    Reads a scratch file of `file_bytes` (created next to `path` when `path` is a directory, and
+    removed afterwards) at random aligned offsets with O_DIRECT for about `seconds` per cell."""
+    target = os.fspath(path)
+    scratch = None
+    if os.path.isdir(target):
+        scratch = os.path.join(target, f".streamer-probe-{os.getpid()}")
+        _write_scratch(scratch, file_bytes)
+        target = scratch
+    try:
+        size = os.path.getsize(target)
+        if size < max(chunk_sizes) * 4:
+            raise ConfigError(f"{target} is too small ({size} bytes) to probe")
+        rows = []
+        for conc in concurrencies:
+            with FlashReader(target, concurrency=conc) as reader:
+                for chunk in chunk_sizes:
+                    rows.append(_probe_cell(reader, size, chunk, conc, seconds))
+        return rows
+    finally:
+        if scratch is not None:
+            os.unlink(scratch)
+
+
+def _probe_cell(reader: FlashReader, size: int, chunk: int, conc: int, seconds: float) -> dict:
+    """`conc` threads each keep one random read of `chunk` bytes in flight (fio's psync jobs)."""
+    slots = size // chunk
+    deadline = time.perf_counter() + seconds
+
+    def job(seed: int) -> tuple[int, int]:
+        rng = np.random.default_rng(seed)
+        view = memoryview(aligned_buffer(chunk).numpy())
+        done = reads = 0
+        while time.perf_counter() < deadline:
+            done += reader._pread(int(rng.integers(0, slots)) * chunk, view)
+            reads += 1
+        return done, reads
+
+    t0 = time.perf_counter()
+    results = list(reader.pool.map(job, range(conc)))
+    elapsed = time.perf_counter() - t0
+    total = sum(r[0] for r in results)
+    return {"chunk": chunk, "concurrency": conc, "direct": reader.direct,
+            "reads": sum(r[1] for r in results), "gb_per_s": total / elapsed / 1e9}
+
+
+def _write_scratch(path: str, nbytes: int) -> None:
+    block = np.random.default_rng(1).integers(0, 255, size=8 << 20, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        for _ in range(0, nbytes, len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)

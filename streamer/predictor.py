@@ -1,0 +1,182 @@
+"""Low-rank activation predictors: which FFN neurons a token will need, before reading them.
+
+Per layer, Linear(d, r) -> Linear(r, n_ffn) -> sigmoid on the FFN's input (the paper [3.1]);
+a neuron is predicted active when its probability exceeds the layer's threshold. A *look-ahead*
+predictor of the same shape reads layer l's FFN input and predicts layer l+1's active set, so the
+pipeline can fetch layer l+1 while layer l computes. `Predictors` holds both sets with their
+thresholds and is saved beside the converted model (`predictors.safetensors` +
+`predictors.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamer.errors import ConfigError, ModelFormatError
+
+WEIGHTS_FILE = "predictors.safetensors"
+META_FILE = "predictors.json"
+
+
+class LowRankPredictor(nn.Module):
+    def __init__(self, d: int, rank: int, n: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, rank, bias=False)
+        self.up = nn.Linear(rank, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, d] -> logits [T, n]
+        return self.up(self.down(x))
+
+
+def parse_ranks(spec: str, n_layers: int) -> list[int]:
+    """'128' or '0-27:256,28-31:1152' -> one rank per layer (every layer must be covered)."""
+    ranks: list[int | None] = [None] * n_layers
+    try:
+        if ":" not in spec:
+            spec_rank = int(spec)
+            if spec_rank < 1:
+                raise ValueError
+            return [spec_rank] * n_layers
+        for part in spec.split(","):
+            span, rank = part.split(":")
+            lo, _, hi = span.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if not 0 <= first <= last < n_layers or int(rank) < 1:
+                raise ValueError
+            for i in range(first, last + 1):
+                ranks[i] = int(rank)
+    except ValueError:
+        raise ConfigError(f"--ranks {spec!r}: expected RANK or FIRST-LAST:RANK,... with layers "
+                          f"in [0, {n_layers}) and ranks >= 1") from None
+    missing = [i for i, r in enumerate(ranks) if r is None]
+    if missing:
+        raise ConfigError(f"--ranks {spec!r} gives no rank for layers {missing}")
+    return ranks  # type: ignore[return-value]
+
+
+def train_predictor(x: torch.Tensor, y: torch.Tensor, rank: int, epochs: int = 30,
+                    batch: int = 256, lr: float = 3e-3, seed: int = 0) -> LowRankPredictor:
+    """Fit one predictor: x [N, d] float -> y [N, n] bool, balanced binary cross-entropy.
+
+    Positives are weighted by the negatives-to-positives ratio, so a sparse layer (97% zeros)
+    does not learn to predict "nothing active"."""
+    torch.manual_seed(seed)
+    n_samples, d = x.shape
+    pred = LowRankPredictor(d, rank, y.shape[1])
+    p = y.float().mean().clamp(1e-4, 1 - 1e-4).item()
+    pos_weight = torch.tensor(min(max((1 - p) / p, 1.0), 50.0))
+    opt = torch.optim.Adam(pred.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        order = torch.randperm(n_samples, generator=gen)
+        for i in range(0, n_samples, batch):
+            idx = order[i:i + batch]
+            loss = F.binary_cross_entropy_with_logits(pred(x[idx]), y[idx].float(),
+                                                      pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return pred.eval()
+
+
+def pick_threshold(probs: torch.Tensor, y: torch.Tensor, target_recall: float) -> float:
+    """The highest probability threshold whose recall on (probs, y) reaches target_recall."""
+    pos = probs[y]
+    if pos.numel() == 0:
+        return 0.5
+    # Recall >= target  <=>  threshold <= the (1 - target) quantile of the positives' scores.
+    q = torch.quantile(pos.float()[: 1 << 24], 1 - target_recall).item()
+    return float(min(max(q - 1e-6, 1e-4), 0.99))
+
+
+def recall_precision(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    tp = (pred & y).sum().item()
+    return tp / max(y.sum().item(), 1), tp / max(pred.sum().item(), 1)
+
+
+@dataclass
+class Predictors:
+    """Per layer: the predictor, its threshold, the activity threshold that defines "active",
+    and the look-ahead predictor of the next layer (None for the last layer)."""
+
+    layers: list[LowRankPredictor]
+    thresholds: list[float]
+    activity: list[float]  # |act| > activity[l] is "active" (0 for ReLU: output > 0)
+    lookahead: list[LowRankPredictor | None]
+    lookahead_thresholds: list[float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, dtype: torch.dtype) -> Predictors:
+        for p in [*self.layers, *[q for q in self.lookahead if q is not None]]:
+            p.to(dtype)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.layers for t in p.parameters())
+
+    @torch.inference_mode()
+    def predict(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """x: [1, d] (the FFN input) -> sorted ids of the neurons predicted active."""
+        p = self.layers[layer]
+        logits = p(x.to(p.up.weight.dtype))[0].float()
+        cut = math.log(self.thresholds[layer] / (1 - self.thresholds[layer]))
+        return torch.nonzero(logits > cut).flatten().numpy()
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for kind, preds in (("layers", self.layers), ("lookahead", self.lookahead)):
+            for i, p in enumerate(preds):
+                if p is not None:
+                    for name, t in p.state_dict().items():
+                        tensors[f"{kind}.{i}.{name}"] = t.contiguous()
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        meta = {**self.meta, "thresholds": self.thresholds, "activity": self.activity,
+                "lookahead_thresholds": self.lookahead_thresholds,
+                "ranks": [p.down.out_features for p in self.layers]}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path, d: int, n: int, n_layers: int) -> Predictors:
+        from safetensors.torch import load_file
+
+        if not (directory / META_FILE).is_file():
+            raise ModelFormatError(f"{directory} has no predictors: run `streamer calibrate` "
+                                   "on it first")
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+            ranks = meta["ranks"]
+            if len(ranks) != n_layers or len(meta["thresholds"]) != n_layers:
+                raise ModelFormatError(f"{directory / META_FILE}: {len(ranks)} layers, the model "
+                                       f"has {n_layers}")
+
+            def build(kind: str, i: int) -> LowRankPredictor | None:
+                if f"{kind}.{i}.down.weight" not in tensors:
+                    return None
+                p = LowRankPredictor(d, ranks[i], n)
+                p.load_state_dict({k: tensors[f"{kind}.{i}.{k}"] for k in p.state_dict()})
+                return p.eval()
+
+            layers = [build("layers", i) for i in range(n_layers)]
+            if any(p is None for p in layers):
+                raise ModelFormatError(f"{directory / WEIGHTS_FILE} lacks a layer's predictor")
+            return cls(layers, meta["thresholds"], meta["activity"],  # type: ignore[arg-type]
+                       [build("lookahead", i) for i in range(n_layers)],
+                       meta["lookahead_thresholds"], meta)
+        except (KeyError, RuntimeError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{directory}: predictors cannot be read ({e})") from None

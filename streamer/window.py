@@ -1,0 +1,106 @@
+"""The DRAM window cache of one layer: the neurons active for any of the last k tokens.
+
+The paper's memory management [3.3]: a preallocated matrix of bundle rows sized for the most
+neurons the window may hold, the neuron id of each row, and a count. Per token, neurons that left
+the window are deleted by moving the last rows into the holes (swap-delete, O(c·d) copying), new
+neurons are appended at the end, and compute runs on rows `[:count]` directly. No allocation per
+token. When the window would exceed the capacity the DRAM budget gives it, the least recently
+active neurons go first; a token whose own active set exceeds the capacity gets the rest in a
+scratch area (`Plan.overflow`) that is not kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamer.flash import aligned_buffer
+
+NEVER = np.iinfo(np.int64).min // 2
+
+
+@dataclass
+class Plan:
+    """What one token needs read: `load` ids go to rows `[start, start + len(load))`."""
+
+    load: np.ndarray  # sorted neuron ids to read into the cache
+    start: int
+    overflow: np.ndarray  # sorted ids that did not fit: read into scratch, not kept
+    hits: int  # active neurons already in the cache
+    evicted: int  # rows freed this token
+
+
+class WindowCache:
+    def __init__(self, n_neurons: int, capacity: int, row_bytes: int, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 token, got {window}")
+        self.n_neurons = n_neurons
+        self.capacity = min(capacity, n_neurons)
+        self.window = window
+        self.rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
+        self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
+        self.row_of = np.full(n_neurons, -1, dtype=np.int64)  # row of each neuron, -1 if absent
+        self.last_active = np.full(n_neurons, NEVER, dtype=np.int64)
+        self.count = 0
+        self.t = -1  # index of the current token
+
+    @property
+    def cached(self) -> np.ndarray:
+        return self.ids[: self.count]
+
+    def _delete(self, neurons: np.ndarray) -> None:
+        """Swap-delete: the last rows move into the holes the deleted neurons leave."""
+        if len(neurons) == 0:
+            return
+        holes = self.row_of[neurons]
+        new_count = self.count - len(holes)
+        is_hole = np.zeros(self.count, dtype=bool)
+        is_hole[holes] = True
+        fill = holes[holes < new_count]  # holes inside the kept range
+        tail = np.flatnonzero(~is_hole[new_count:]) + new_count  # kept rows beyond it
+        if len(fill):
+            fill_t, tail_t = torch.from_numpy(fill), torch.from_numpy(tail)
+            self.rows[fill_t] = self.rows[tail_t]
+            moved = self.ids[tail]
+            self.ids[fill] = moved
+            self.row_of[moved] = fill
+        self.row_of[neurons] = -1
+        self.ids[new_count: self.count] = -1
+        self.count = new_count
+
+    def step(self, active: np.ndarray) -> Plan:
+        """Advance one token whose active neurons are `active` (unique ids); what to read."""
+        self.t += 1
+        active = np.unique(active)
+        self.last_active[active] = self.t
+        cached = self.cached
+        expired = cached[self.last_active[cached] <= self.t - self.window]
+        self._delete(expired)
+        missing = active[self.row_of[active] < 0]
+        hits = len(active) - len(missing)
+        evicted = len(expired)
+        excess = self.count + len(missing) - self.capacity
+        if excess > 0:
+            # Least recently active first, never a neuron this token needs.
+            cached = self.cached
+            old = cached[self.last_active[cached] < self.t]
+            victims = old[np.argsort(self.last_active[old], kind="stable")[:excess]]
+            self._delete(victims)
+            evicted += len(victims)
+        room = self.capacity - self.count
+        load, overflow = missing[:room], missing[room:]
+        start = self.count
+        rows = np.arange(start, start + len(load))
+        self.ids[rows] = load
+        self.row_of[load] = rows
+        self.count += len(load)
+        return Plan(load, start, overflow, hits, evicted)
+
+    def reset(self) -> None:
+        """Forget every neuron (a new sequence, or the predictor-only mode's per-token reload)."""
+        self.row_of[self.cached] = -1
+        self.ids[: self.count] = -1
+        self.count = 0
+        self.last_active[:] = NEVER

@@ -1,0 +1,78 @@
+"""The DRAM window cache: its contents always equal the union of the last k active sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.window import WindowCache
+
+N = 40
+ROW = 16
+
+
+def stamp(cache: WindowCache, ids: np.ndarray, start: int) -> None:
+    """Stands in for the flash read: row r holds its neuron id in every byte."""
+    for k, neuron in enumerate(ids):
+        cache.rows[start + k] = int(neuron)
+
+
+active_sets = st.lists(st.lists(st.integers(0, N - 1), max_size=N), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sets=active_sets, window=st.integers(1, 6))
+def test_unbounded_cache_holds_exactly_the_window(sets, window):
+    cache = WindowCache(N, capacity=N, row_bytes=ROW, window=window)
+    for t, active in enumerate(sets):
+        plan = cache.step(np.array(active, dtype=np.int64))
+        stamp(cache, plan.load, plan.start)
+        assert len(plan.overflow) == 0
+        union = set().union(*map(set, sets[max(0, t - window + 1):t + 1]))
+        assert set(cache.cached.tolist()) == union
+        assert len(cache.cached) == len(union)  # no duplicates
+        # Every row still holds the neuron its id says (swap-delete moved data with ids).
+        assert torch.equal(cache.rows[:cache.count, 0], torch.from_numpy(cache.cached).to(
+            torch.uint8))
+        assert all(cache.row_of[n] == r for r, n in enumerate(cache.cached))
+        assert plan.hits + len(plan.load) == len(set(active))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sets=active_sets, window=st.integers(1, 6), capacity=st.integers(1, N))
+def test_bounded_cache_keeps_the_most_recent_within_capacity(sets, window, capacity):
+    cache = WindowCache(N, capacity=capacity, row_bytes=ROW, window=window)
+    last_seen: dict[int, int] = {}
+    for t, active in enumerate(sets):
+        plan = cache.step(np.array(active, dtype=np.int64))
+        stamp(cache, plan.load, plan.start)
+        for n in active:
+            last_seen[n] = t
+        union = {n for n, s in last_seen.items() if s > t - window}
+        cached = set(cache.cached.tolist())
+        assert cache.count <= capacity
+        assert cached <= union
+        # This token's neurons are all there, in the cache or in the overflow.
+        assert set(active) == (cached & set(active)) | set(plan.overflow.tolist())
+        assert not cached & set(plan.overflow.tolist())
+        if len(set(active)) <= capacity:
+            assert len(plan.overflow) == 0
+            # What was dropped from the window is never more recent than what was kept.
+            dropped = union - cached
+            if dropped and cached:
+                assert max(last_seen[n] for n in dropped) <= min(last_seen[n] for n in cached)
+        assert torch.equal(cache.rows[:cache.count, 0], torch.from_numpy(cache.cached).to(
+            torch.uint8))
+
+
+def test_step_reports_loads_evictions_and_hits():
+    cache = WindowCache(10, capacity=10, row_bytes=ROW, window=2)
+    p = cache.step(np.array([1, 2, 3]))
+    assert p.load.tolist() == [1, 2, 3] and p.start == 0 and p.hits == 0
+    p = cache.step(np.array([3, 4]))
+    assert p.load.tolist() == [4] and p.start == 3 and p.hits == 1 and p.evicted == 0
+    p = cache.step(np.array([4, 5]))  # 1 and 2 were last active two tokens ago: evicted
+    assert p.evicted == 2 and p.load.tolist() == [5] and p.hits == 1
+    assert sorted(cache.cached.tolist()) == [3, 4, 5]
