@@ -46,7 +46,7 @@ class CalibrationSettings:
     heldout: Path | None = None  # None: the held-out text shipped with streamer
     ranks: str = "128"
     sparsity: float = 0.5  # SwiGLU only: fraction of (token, neuron) pairs counted inactive
-    target_recall: float = 0.95
+    target_recall: float = 0.99  # of the active neurons' activation mass
     epochs: int = 30
     max_tokens: int = 8192
     chunk: int = 256  # tokens per sequence while recording
@@ -64,9 +64,13 @@ class CalibrationSettings:
 class MaskedFFN:
     """The dense FFN with a hook on its activations: record them, or zero the inactive ones."""
 
-    def __init__(self, dense: DenseFFN, gated: bool,
-                 mask: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 record: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        dense: DenseFFN,
+        gated: bool,
+        mask: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        record: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> None:
         self.dense, self.gated, self.mask, self.record = dense, gated, mask, record
 
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -81,18 +85,23 @@ class MaskedFFN:
         return out + w.down_bias if w.down_bias is not None else out
 
 
-def run_tokens(model: Transformer, tokens: list[int], chunk: int,
-               on_logits: Callable[[torch.Tensor, list[int]], None] | None = None,
-               step: int = 128) -> None:
+def run_tokens(
+    model: Transformer,
+    tokens: list[int],
+    chunk: int,
+    on_logits: Callable[[torch.Tensor, list[int]], None] | None = None,
+    step: int = 128,
+) -> None:
     """Run the model over `tokens` in sequences of `chunk` (a fresh KV cache each)."""
     chunk = min(chunk, model.cfg.max_positions)
     for i in range(0, len(tokens) - 1, chunk):
-        seq = tokens[i:i + chunk]
+        seq = tokens[i : i + chunk]
         if len(seq) < 2:
             break
         cache = model.new_cache(len(seq))
-        rows = [model.forward(torch.tensor(seq[j:j + step]), cache)
-                for j in range(0, len(seq), step)]
+        rows = [
+            model.forward(torch.tensor(seq[j : j + step]), cache) for j in range(0, len(seq), step)
+        ]
         if on_logits is not None:
             on_logits(torch.cat(rows), seq)
 
@@ -138,8 +147,9 @@ def _record(model: Transformer, dense: DenseFFN, gated: bool, tokens: list[int],
     return [torch.cat(x) for x in xs], [torch.cat(h) for h in hs]
 
 
-def calibrate(directory: Path, settings: CalibrationSettings,
-              progress: bool = True) -> dict[str, Any]:
+def calibrate(
+    directory: Path, settings: CalibrationSettings, progress: bool = True
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     source = ConvertedModel(directory)
     cfg = source.config
@@ -149,8 +159,10 @@ def calibrate(directory: Path, settings: CalibrationSettings,
     train_tokens = _tokens(source, texts, settings.max_tokens)
     held_tokens = _tokens(source, [heldout], settings.max_tokens)
     if len(train_tokens) < 64 or len(held_tokens) < 16:
-        raise ConfigError(f"calibration text too short ({len(train_tokens)} tokens; held-out "
-                          f"{len(held_tokens)}): give at least 64 and 16")
+        raise ConfigError(
+            f"calibration text too short ({len(train_tokens)} tokens; held-out "
+            f"{len(held_tokens)}): give at least 64 and 16"
+        )
     model = load_dense(source, torch.float32)
     dense = model.ffn
     assert isinstance(dense, DenseFFN)
@@ -163,11 +175,9 @@ def calibrate(directory: Path, settings: CalibrationSettings,
     else:
         activity = [float(np.quantile(h.float().numpy(), settings.sparsity)) for h in hs]
     ys = [h.float() > a for h, a in zip(hs, activity, strict=True)]
-    del hs
     n_val = max(len(train_tokens) // 10, 8)
     layers, thresholds, look, look_thr = [], [], [], []
-    bar = tqdm(total=2 * cfg.n_layers - 1, desc="calibrate", unit="predictor",
-               disable=not progress)
+    bar = tqdm(total=2 * cfg.n_layers - 1, desc="calibrate", unit="predictor", disable=not progress)
     for i in range(cfg.n_layers):
         for target, out, thr in ((i, layers, thresholds), (i + 1, look, look_thr)):
             if target == cfg.n_layers:
@@ -175,16 +185,19 @@ def calibrate(directory: Path, settings: CalibrationSettings,
                 thr.append(0.5)
                 continue
             x, y = xs[i], ys[target]
-            p = train_predictor(x[:-n_val], y[:-n_val], ranks[i], settings.epochs,
-                                seed=settings.seed + i)
+            p = train_predictor(
+                x[:-n_val], y[:-n_val], ranks[i], settings.epochs, seed=settings.seed + i
+            )
             with torch.no_grad():
                 probs = torch.sigmoid(p(x[-n_val:]))
             out.append(p)
-            thr.append(pick_threshold(probs, y[-n_val:], settings.target_recall))
+            thr.append(
+                pick_threshold(probs, y[-n_val:], settings.target_recall, mass=hs[target][-n_val:])
+            )
             bar.update(1)
     bar.close()
     preds = Predictors(layers, thresholds, activity, look, look_thr)
-    del xs, ys
+    del xs, ys, hs
 
     # Held-out quality: recall and precision per layer, and perplexity three ways.
     hx, hh = _record(model, dense, cfg.gated, held_tokens, settings.chunk)
@@ -193,16 +206,23 @@ def calibrate(directory: Path, settings: CalibrationSettings,
         y = hh[i].float() > activity[i]
         with torch.no_grad():
             pred = torch.sigmoid(layers[i](hx[i])) > thresholds[i]
-        r, p = recall_precision(pred, y)
-        row = {"layer": i, "rank": ranks[i], "active": round(y.float().mean().item(), 4),
-               "predicted": round(pred.float().mean().item(), 4), "recall": round(r, 4),
-               "precision": round(p, 4)}
+        r, p, m = recall_precision(pred, y, hh[i])
+        row = {
+            "layer": i,
+            "rank": ranks[i],
+            "active": round(y.float().mean().item(), 4),
+            "predicted": round(pred.float().mean().item(), 4),
+            "recall": round(r, 4),
+            "precision": round(p, 4),
+            "mass_recall": round(m, 4),
+        }
         if i + 1 < cfg.n_layers:
             y_next = hh[i + 1].float() > activity[i + 1]
             with torch.no_grad():
                 la = torch.sigmoid(look[i](hx[i])) > look_thr[i]
-            row["lookahead_recall"], row["lookahead_precision"] = (
-                round(v, 4) for v in recall_precision(la, y_next))
+            r, p, m = recall_precision(la, y_next, hh[i + 1])
+            row["lookahead_recall"], row["lookahead_precision"] = round(r, 4), round(p, 4)
+            row["lookahead_mass_recall"] = round(m, 4)
         per_layer.append(row)
     del hx, hh
 

@@ -24,119 +24,206 @@ MODES = ("auto", "dense", "naive", "hybrid", "predictor", "window", "all", "orac
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch compute threads (default: all cores, %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch compute threads (default: all cores, %(default)s)",
+    )
 
 
 def _add_engine(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("flash engine")
-    g.add_argument("--mode", default="auto", choices=MODES,
-                   help="dense: all in DRAM; naive: every weight from flash per token; hybrid: "
-                   "resident part in DRAM, whole FFN from flash; predictor: predicted neurons "
-                   "only; window: + sliding window, one read per vector; all: + bundled reads; "
-                   "oracle: the true active set. auto (default): all when the model is "
-                   "converted and calibrated, else dense")
-    g.add_argument("--window", type=int, default=4,
-                   help="tokens whose active neurons stay in DRAM (default: %(default)s)")
-    g.add_argument("--dram-budget", metavar="SIZE",
-                   help="DRAM for weights and caches: bytes, 2GiB, 500MB, or 60%% of the model "
-                   "(default: no cap)")
-    g.add_argument("--concurrency", type=int, default=32,
-                   help="flash reads in flight (default: %(default)s)")
-    g.add_argument("--buffered", action="store_true",
-                   help="buffered reads instead of O_DIRECT (not cold-cache figures)")
-    g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="compute dtype (default: float32 for dense, the stored dtype otherwise)")
+    g.add_argument(
+        "--mode",
+        default="auto",
+        choices=MODES,
+        help="dense: all in DRAM; naive: every weight from flash per token; hybrid: "
+        "resident part in DRAM, whole FFN from flash; predictor: predicted neurons "
+        "only; window: + sliding window, one read per vector; all: + bundled reads; "
+        "oracle: the true active set. auto (default): all when the model is "
+        "converted and calibrated, else dense",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=4,
+        help="tokens whose active neurons stay in DRAM (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dram-budget",
+        metavar="SIZE",
+        help="DRAM for weights and caches: bytes, 2GiB, 500MB, or 60%% of the model "
+        "(default: no cap)",
+    )
+    g.add_argument(
+        "--concurrency", type=int, default=32, help="flash reads in flight (default: %(default)s)"
+    )
+    g.add_argument(
+        "--buffered",
+        action="store_true",
+        help="buffered reads instead of O_DIRECT (not cold-cache figures)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="compute dtype (default: float32 for dense, the stored dtype otherwise)",
+    )
     _add_threads(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamer",
-        description="Run language models bigger than DRAM by streaming FFN neurons from flash.")
+        description="Run language models bigger than DRAM by streaming FFN neurons from flash.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="write a model in the on-flash layout",
-                       description="Convert SRC into OUT: resident weights in safetensors, FFN "
-                       "neuron bundles aligned for O_DIRECT, a manifest with checksums.")
+    p = sub.add_parser(
+        "convert",
+        help="write a model in the on-flash layout",
+        description="Convert SRC into OUT: resident weights in safetensors, FFN "
+        "neuron bundles aligned for O_DIRECT, a manifest with checksums.",
+    )
     p.add_argument("src", metavar="SRC", help="a Hugging Face directory, a .gguf file or 'default'")
     p.add_argument("out", metavar="OUT", type=Path, help="the directory to create")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the converted weights (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="storage dtype of the converted weights (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="replace a model OUT already holds")
 
-    p = sub.add_parser("verify", help="check a converted model's files against its manifest",
-                       description="Check sizes and per-layer SHA-256 checksums.")
+    p = sub.add_parser(
+        "verify",
+        help="check a converted model's files against its manifest",
+        description="Check sizes and per-layer SHA-256 checksums.",
+    )
     p.add_argument("model", metavar="MODEL", help="a converted directory or 'default'")
 
-    p = sub.add_parser("calibrate", help="train the activation predictors of a converted model",
-                       description="Record which FFN neurons fire on calibration text, train a "
-                       "low-rank predictor and a look-ahead predictor per layer, and report "
-                       "recall, precision and perplexity on held-out text.")
+    p = sub.add_parser(
+        "calibrate",
+        help="train the activation predictors of a converted model",
+        description="Record which FFN neurons fire on calibration text, train a "
+        "low-rank predictor and a look-ahead predictor per layer, and report "
+        "recall, precision and perplexity on held-out text.",
+    )
     p.add_argument("model", metavar="MODEL", help="a converted directory or 'default'")
-    p.add_argument("--text", type=Path, action="append", default=[],
-                   help="calibration text file (repeatable; default: text shipped with streamer)")
-    p.add_argument("--heldout", type=Path,
-                   help="held-out text for the report (default: text shipped with streamer)")
-    p.add_argument("--ranks", default="128",
-                   help="predictor rank: RANK, or per layer as 0-27:256,28-31:1152 "
-                   "(default: %(default)s)")
-    p.add_argument("--sparsity", type=float, default=0.5,
-                   help="SwiGLU models: fraction of neurons counted inactive, by magnitude "
-                   "(default: %(default)s)")
-    p.add_argument("--recall", type=float, default=0.95,
-                   help="target recall for each layer's threshold (default: %(default)s)")
+    p.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        default=[],
+        help="calibration text file (repeatable; default: text shipped with streamer)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=Path,
+        help="held-out text for the report (default: text shipped with streamer)",
+    )
+    p.add_argument(
+        "--ranks",
+        default="128",
+        help="predictor rank: RANK, or per layer as 0-27:256,28-31:1152 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="SwiGLU models: fraction of neurons counted inactive, by magnitude "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--recall",
+        type=float,
+        default=0.99,
+        help="each layer's threshold keeps this fraction of the active neurons' "
+        "activation mass on validation text (default: %(default)s)",
+    )
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=8192,
-                   help="most calibration tokens used (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8192,
+        help="most calibration tokens used (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_threads(p)
 
-    p = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Generate text; streams it to the terminal, or prints one "
-                       "JSON object with --json.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text; streams it to the terminal, or prints one "
+        "JSON object with --json.",
+    )
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-tokens", type=int, default=128,
-                   help="most tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="0 for greedy decoding (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.9,
-                   help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="0 for greedy decoding (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the model's chat template as a user turn")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template as a user turn",
+    )
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--stats", action="store_true", help="print a telemetry table on stderr")
     _add_engine(p)
 
-    p = sub.add_parser("eval", help="perplexity of a text in any mode",
-                       description="Perplexity of each token given the ones before it.")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a text in any mode",
+        description="Perplexity of each token given the ones before it.",
+    )
     p.add_argument("model", metavar="MODEL", help="a converted directory or 'default'")
     p.add_argument("--text", type=Path, required=True, help="the text file")
-    p.add_argument("--context", type=int, default=512,
-                   help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=4096,
-                   help="most tokens scored (default: %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="print {perplexity, tokens, mode, ...} as JSON")
+    p.add_argument(
+        "--context", type=int, default=512, help="tokens per sequence (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=4096, help="most tokens scored (default: %(default)s)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print {perplexity, tokens, mode, ...} as JSON"
+    )
     _add_engine(p)
 
-    p = sub.add_parser("probe-disk", help="random-read throughput of a disk, with O_DIRECT",
-                       description="Reads a scratch file (made next to PATH when it is a "
-                       "directory) at random aligned offsets, per chunk size and concurrency.")
-    p.add_argument("path", metavar="PATH", nargs="?", default=".",
-                   help="a file to read, or a directory on the disk (default: .)")
-    p.add_argument("--chunks", default="4K,16K,64K,256K,1M",
-                   help="chunk sizes (default: %(default)s)")
-    p.add_argument("--concurrency", default="1,4,8,16,32,64",
-                   help="reads in flight (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=1.0,
-                   help="time per cell (default: %(default)s)")
-    p.add_argument("--file-size", default="1GiB",
-                   help="scratch file size (default: %(default)s)")
+    p = sub.add_parser(
+        "probe-disk",
+        help="random-read throughput of a disk, with O_DIRECT",
+        description="Reads a scratch file (made next to PATH when it is a "
+        "directory) at random aligned offsets, per chunk size and concurrency.",
+    )
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        nargs="?",
+        default=".",
+        help="a file to read, or a directory on the disk (default: .)",
+    )
+    p.add_argument(
+        "--chunks", default="4K,16K,64K,256K,1M", help="chunk sizes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--concurrency", default="1,4,8,16,32,64", help="reads in flight (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=1.0, help="time per cell (default: %(default)s)"
+    )
+    p.add_argument("--file-size", default="1GiB", help="scratch file size (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
@@ -148,8 +235,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     source = open_source(args.src)
     result = convert(source, args.out, dtype=args.dtype, force=args.force)
     if result.converted:
-        print(f"converted {source.description} -> {result.directory} "
-              f"({result.bytes_written / 2**20:.1f} MiB, {args.dtype})")
+        print(
+            f"converted {source.description} -> {result.directory} "
+            f"({result.bytes_written / 2**20:.1f} MiB, {args.dtype})"
+        )
     else:
         print(f"{result.directory} already holds this model ({args.dtype}); nothing to do")
     return 0
@@ -161,8 +250,9 @@ def _converted_dir(model: str) -> Path:
 
     directory = resolve_default() if model == "default" else Path(model).expanduser()
     if not (directory / MANIFEST).is_file():
-        raise ModelFormatError(f"{model} is not a converted model directory: run "
-                               "`streamer convert` first")
+        raise ModelFormatError(
+            f"{model} is not a converted model directory: run `streamer convert` first"
+        )
     return directory
 
 
@@ -194,25 +284,37 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     for path in [*args.text, *([args.heldout] if args.heldout else [])]:
         if not path.is_file():
             raise ConfigError(f"text file {path} not found")
-    settings = CalibrationSettings(texts=args.text, heldout=args.heldout, ranks=args.ranks,
-                                   sparsity=args.sparsity, target_recall=args.recall,
-                                   epochs=args.epochs, max_tokens=args.max_tokens)
+    settings = CalibrationSettings(
+        texts=args.text,
+        heldout=args.heldout,
+        ranks=args.ranks,
+        sparsity=args.sparsity,
+        target_recall=args.recall,
+        epochs=args.epochs,
+        max_tokens=args.max_tokens,
+    )
     directory = _converted_dir(args.model)
     report = calibrate(directory, settings)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{'layer':>5} {'rank':>5} {'active':>7} {'predicted':>9} {'recall':>7} "
-          f"{'precision':>9} {'ahead rec':>9} {'ahead prec':>10}")
+    print(
+        f"{'layer':>5} {'rank':>5} {'active':>7} {'predicted':>9} {'recall':>7} "
+        f"{'precision':>9} {'ahead rec':>9} {'ahead prec':>10}"
+    )
     for r in report["layers"]:
-        print(f"{r['layer']:>5} {r['rank']:>5} {r['active']:>7.3f} {r['predicted']:>9.3f} "
-              f"{r['recall']:>7.3f} {r['precision']:>9.3f} "
-              f"{r.get('lookahead_recall', float('nan')):>9.3f} "
-              f"{r.get('lookahead_precision', float('nan')):>10.3f}")
+        print(
+            f"{r['layer']:>5} {r['rank']:>5} {r['active']:>7.3f} {r['predicted']:>9.3f} "
+            f"{r['recall']:>7.3f} {r['precision']:>9.3f} "
+            f"{r.get('lookahead_recall', float('nan')):>9.3f} "
+            f"{r.get('lookahead_precision', float('nan')):>10.3f}"
+        )
     ppl = report["perplexity"]
-    print(f"perplexity on {report['heldout_tokens']} held-out tokens: dense {ppl['dense']:.3f}, "
-          f"oracle {ppl['oracle']:.3f}, predictor {ppl['predictor']:.3f} "
-          f"({(ppl['predictor'] / ppl['dense'] - 1) * 100:+.1f}%)")
+    print(
+        f"perplexity on {report['heldout_tokens']} held-out tokens: dense {ppl['dense']:.3f}, "
+        f"oracle {ppl['oracle']:.3f}, predictor {ppl['predictor']:.3f} "
+        f"({(ppl['predictor'] / ppl['dense'] - 1) * 100:+.1f}%)"
+    )
     print(f"saved predictors to {directory} ({report['seconds']} s)")
     return 0
 
@@ -241,12 +343,21 @@ def _open_engine(args: argparse.Namespace, max_len: int):
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
         return dense_engine(source, dtype, max_len), source
     if not converted:
-        raise ModelFormatError(f"mode {mode} streams from the flash layout: run `streamer "
-                               f"convert {args.model} OUT` and pass OUT")
+        raise ModelFormatError(
+            f"mode {mode} streams from the flash layout: run `streamer "
+            f"convert {args.model} OUT` and pass OUT"
+        )
     assert (source.directory / MANIFEST).is_file()
-    engine = load_engine(source.directory, mode=mode, window=args.window,
-                         dram_budget=args.dram_budget, concurrency=args.concurrency,
-                         direct=not args.buffered, dtype=args.dtype, max_len=max_len)
+    engine = load_engine(
+        source.directory,
+        mode=mode,
+        window=args.window,
+        dram_budget=args.dram_budget,
+        concurrency=args.concurrency,
+        direct=not args.buffered,
+        dtype=args.dtype,
+        max_len=max_len,
+    )
     if engine.mode != "dense" or args.dram_budget:
         print(f"mode {engine.mode}: {engine.plan.describe()}", file=sys.stderr)
     return engine, source
@@ -263,8 +374,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if spec is None:
         raise ModelFormatError(f"{args.model} has no tokenizer (tokenizer.json)")
     tokenizer = spec.build()
-    prompt_ids = (tokenizer.chat(args.prompt, args.system) if args.chat
-                  else tokenizer.encode(args.prompt))
+    prompt_ids = (
+        tokenizer.chat(args.prompt, args.system) if args.chat else tokenizer.encode(args.prompt)
+    )
     if args.max_tokens < 1:
         raise ConfigError(f"max_tokens must be at least 1, got {args.max_tokens}")
     engine, source = _open_engine(args, len(prompt_ids) + args.max_tokens)
@@ -273,8 +385,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     eos = tokenizer.token_id(spec.eos_token)
     if eos is not None and not args.ignore_eos:
         stop.add(eos)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, stop_ids=tuple(sorted(stop)))
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_ids=tuple(sorted(stop)),
+    )
     with engine:
         run = Generation(engine, prompt_ids, params)
         if args.json:
@@ -285,42 +402,82 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 text = tokenizer.decode(run.token_ids)
                 # Hold back a partial UTF-8 character until its last byte arrives.
                 if not text.endswith("\ufffd") and text.startswith(shown):
-                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.write(text[len(shown) :])
                     sys.stdout.flush()
                     shown = text
-            sys.stdout.write(tokenizer.decode(run.token_ids)[len(shown):] + "\n")
+            sys.stdout.write(tokenizer.decode(run.token_ids)[len(shown) :] + "\n")
     telemetry = engine.telemetry
-    summary = {"model": source.description, "mode": engine.mode, "threads": args.threads,
-               "window": args.window, "load_ms": round(load_ms, 3), **run.summary,
-               **telemetry.summary(), "peak_rss_bytes": rss_bytes(peak=True),
-               "memory": engine.plan.__dict__ | {"total": engine.plan.total}}
+    summary = {
+        "model": source.description,
+        "mode": engine.mode,
+        "threads": args.threads,
+        "window": args.window,
+        "load_ms": round(load_ms, 3),
+        **run.summary,
+        **telemetry.summary(),
+        "peak_rss_bytes": rss_bytes(peak=True),
+        "memory": engine.plan.__dict__ | {"total": engine.plan.total},
+    }
     if args.stats:
         _print_stats(telemetry, summary)
     if args.json:
-        print(json.dumps({"token_ids": run.token_ids, "text": tokenizer.decode(run.token_ids),
-                          "prompt_token_ids": prompt_ids, "summary": summary,
-                          "steps": telemetry.steps}))
+        print(
+            json.dumps(
+                {
+                    "token_ids": run.token_ids,
+                    "text": tokenizer.decode(run.token_ids),
+                    "prompt_token_ids": prompt_ids,
+                    "summary": summary,
+                    "steps": telemetry.steps,
+                }
+            )
+        )
     else:
-        print(f"[{summary['generated_tokens']} tokens, {summary['ms_per_token']} ms/token, "
-              f"mode {engine.mode}, stop: {summary['stop_reason']}]", file=sys.stderr)
+        print(
+            f"[{summary['generated_tokens']} tokens, {summary['ms_per_token']} ms/token, "
+            f"mode {engine.mode}, stop: {summary['stop_reason']}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _print_stats(telemetry, summary: dict[str, Any]) -> None:
     out = sys.stderr
     per = summary.get("per_token")
-    print(f"mode {summary['mode']}, {summary['generated_tokens']} tokens, peak RSS "
-          f"{summary['peak_rss_bytes'] / 2**20:.1f} MiB", file=out)
+    print(
+        f"mode {summary['mode']}, {summary['generated_tokens']} tokens, peak RSS "
+        f"{summary['peak_rss_bytes'] / 2**20:.1f} MiB",
+        file=out,
+    )
     if not per:
         return
-    print("per decoded token: " + ", ".join(
-        f"{k} {per[k]:.1f}" if isinstance(per[k], float) else f"{k} {per[k]}"
-        for k in ("bytes_read", "reads", "predicted", "hits", "loaded", "evicted", "overflow",
-                  "io_ms", "mem_ms", "compute_ms", "total_ms")), file=out)
+    print(
+        "per decoded token: "
+        + ", ".join(
+            f"{k} {per[k]:.1f}" if isinstance(per[k], float) else f"{k} {per[k]}"
+            for k in (
+                "bytes_read",
+                "reads",
+                "predicted",
+                "hits",
+                "loaded",
+                "evicted",
+                "overflow",
+                "io_ms",
+                "mem_ms",
+                "compute_ms",
+                "total_ms",
+            )
+        ),
+        file=out,
+    )
     decode = [s for s in telemetry.steps if s["tokens"] == 1]
     if decode and decode[0]["layers"]:
-        print(f"{'layer':>5} {'KiB read':>9} {'reads':>6} {'predicted':>9} {'hits':>6} "
-              f"{'loaded':>6} {'evicted':>7} {'cached':>6} {'io ms':>7} {'mem ms':>7}", file=out)
+        print(
+            f"{'layer':>5} {'KiB read':>9} {'reads':>6} {'predicted':>9} {'hits':>6} "
+            f"{'loaded':>6} {'evicted':>7} {'cached':>6} {'io ms':>7} {'mem ms':>7}",
+            file=out,
+        )
         n = len(decode)
         for i in range(len(decode[0]["layers"])):
             rows = [s["layers"][i] for s in decode]
@@ -328,10 +485,13 @@ def _print_stats(telemetry, summary: dict[str, Any]) -> None:
             def mean(k: str, rows=rows) -> float:
                 return sum(r[k] for r in rows) / n
 
-            print(f"{i:>5} {mean('bytes_read') / 1024:>9.1f} {mean('reads'):>6.1f} "
-                  f"{mean('predicted'):>9.1f} {mean('hits'):>6.1f} {mean('loaded'):>6.1f} "
-                  f"{mean('evicted'):>7.1f} {mean('cached'):>6.1f} {mean('io_ms'):>7.2f} "
-                  f"{mean('mem_ms'):>7.2f}", file=out)
+            print(
+                f"{i:>5} {mean('bytes_read') / 1024:>9.1f} {mean('reads'):>6.1f} "
+                f"{mean('predicted'):>9.1f} {mean('hits'):>6.1f} {mean('loaded'):>6.1f} "
+                f"{mean('evicted'):>7.1f} {mean('cached'):>6.1f} {mean('io_ms'):>7.2f} "
+                f"{mean('mem_ms'):>7.2f}",
+                file=out,
+            )
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -352,11 +512,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with engine:
         ppl, n = perplexity(engine, tokens, args.context)
-    result = {"perplexity": round(ppl, 4), "tokens": n, "mode": engine.mode,
-              "window": args.window, "seconds": round(time.perf_counter() - t0, 2),
-              **{k: v for k, v in engine.telemetry.summary().items() if k != "per_token"}}
-    print(json.dumps(result) if args.json else
-          f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})")
+    result = {
+        "perplexity": round(ppl, 4),
+        "tokens": n,
+        "mode": engine.mode,
+        "window": args.window,
+        "seconds": round(time.perf_counter() - t0, 2),
+        **{k: v for k, v in engine.telemetry.summary().items() if k != "per_token"},
+    }
+    print(
+        json.dumps(result)
+        if args.json
+        else f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})"
+    )
     return 0
 
 
@@ -380,8 +548,9 @@ def _cmd_probe_disk(args: argparse.Namespace) -> int:
         raise ConfigError(f"chunk sizes must be multiples of {ALIGN} for O_DIRECT")
     if not os.path.exists(args.path):
         raise ConfigError(f"{args.path} not found")
-    rows = probe_disk(args.path, chunks, concs, seconds=args.seconds,
-                      file_bytes=_size(args.file_size))
+    rows = probe_disk(
+        args.path, chunks, concs, seconds=args.seconds, file_bytes=_size(args.file_size)
+    )
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -395,8 +564,14 @@ def _cmd_probe_disk(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _cmd_convert, "verify": _cmd_verify, "calibrate": _cmd_calibrate,
-            "generate": _cmd_generate, "eval": _cmd_eval, "probe-disk": _cmd_probe_disk}
+COMMANDS = {
+    "convert": _cmd_convert,
+    "verify": _cmd_verify,
+    "calibrate": _cmd_calibrate,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+    "probe-disk": _cmd_probe_disk,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,22 @@ SPARSE_MODES = ("predictor", "window", "all", "oracle")
 WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # bare letters: binary, as fio reads them
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}  # bare letters: binary, as fio reads them
 
 
 def rss_bytes(peak: bool = False) -> int:
@@ -68,11 +81,14 @@ def parse_budget(spec: str | int | None, model_bytes: int) -> int | None:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", spec)
         if not m or (m.group(2) != "%" and m.group(2).lower() not in _UNITS):
-            raise ConfigError(f"--dram-budget {spec!r}: expected bytes, a size such as 2GiB or "
-                              "500MB, or a percentage of the model such as 60%")
+            raise ConfigError(
+                f"--dram-budget {spec!r}: expected bytes, a size such as 2GiB or "
+                "500MB, or a percentage of the model such as 60%"
+            )
         number, unit = float(m.group(1)), m.group(2)
-        value = int(number / 100 * model_bytes) if unit == "%" else int(number * _UNITS[
-            unit.lower()])
+        value = (
+            int(number / 100 * model_bytes) if unit == "%" else int(number * _UNITS[unit.lower()])
+        )
     if value <= 0:
         raise ConfigError(f"--dram-budget must be positive, got {spec!r}")
     return value
@@ -117,8 +133,9 @@ def load_resident(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.
 class StreamedResident(Mapping):
     """The naive mode's resident part: every access reads the tensor from flash again."""
 
-    def __init__(self, model: ConvertedModel, reader: FlashReader, dtype: torch.dtype,
-                 telemetry: Telemetry) -> None:
+    def __init__(
+        self, model: ConvertedModel, reader: FlashReader, dtype: torch.dtype, telemetry: Telemetry
+    ) -> None:
         names = set(model.resident_names())
         self.index = {n: v for n, v in safetensors_index(Path(reader.path)).items() if n in names}
         self.reader, self.dtype, self.telemetry = reader, dtype, telemetry
@@ -128,7 +145,7 @@ class StreamedResident(Mapping):
         lo, hi = start // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
         buf = aligned_buffer(hi - lo)
         self.reader.read(self.reader.chunked(lo, buf), self.telemetry.extra)
-        return buf[start - lo:end - lo].view(st_dtype).reshape(shape).to(self.dtype)
+        return buf[start - lo : end - lo].view(st_dtype).reshape(shape).to(self.dtype)
 
     def __contains__(self, name: object) -> bool:
         return name in self.index
@@ -177,13 +194,18 @@ class Telemetry:
         io_ms = sum(s.io_ms for s in self.layers) + self.extra.seconds * 1e3
         mem_ms = sum(s.mem_ms for s in self.layers)
         step = {
-            "step": len(self.steps), "tokens": tokens,
+            "step": len(self.steps),
+            "tokens": tokens,
             "bytes_read": sum(s.bytes_read for s in self.layers) + self.extra.bytes,
             "reads": sum(s.reads for s in self.layers) + self.extra.reads,
-            **{k: sum(getattr(s, k) for s in self.layers)
-               for k in ("predicted", "hits", "loaded", "evicted", "overflow", "cached")},
-            "io_ms": round(io_ms, 3), "mem_ms": round(mem_ms, 3),
-            "compute_ms": round(total_ms - io_ms - mem_ms, 3), "total_ms": round(total_ms, 3),
+            **{
+                k: sum(getattr(s, k) for s in self.layers)
+                for k in ("predicted", "hits", "loaded", "evicted", "overflow", "cached")
+            },
+            "io_ms": round(io_ms, 3),
+            "mem_ms": round(mem_ms, 3),
+            "compute_ms": round(total_ms - io_ms - mem_ms, 3),
+            "total_ms": round(total_ms, 3),
             "layers": [_rounded(asdict(s)) for s in self.layers],
         }
         self.steps.append(step)
@@ -191,13 +213,23 @@ class Telemetry:
 
     def summary(self) -> dict[str, Any]:
         """Totals of the run, and per-token means over the decode steps (one token each)."""
-        keys = ("bytes_read", "reads", "io_ms", "mem_ms", "compute_ms", "total_ms", "predicted",
-                "hits", "loaded", "evicted", "overflow")
+        keys = (
+            "bytes_read",
+            "reads",
+            "io_ms",
+            "mem_ms",
+            "compute_ms",
+            "total_ms",
+            "predicted",
+            "hits",
+            "loaded",
+            "evicted",
+            "overflow",
+        )
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
         decode = [s for s in self.steps if s["tokens"] == 1]
         if decode:
-            out["per_token"] = {k: round(sum(s[k] for s in decode) / len(decode), 3)
-                                for k in keys}
+            out["per_token"] = {k: round(sum(s[k] for s in decode) / len(decode), 3) for k in keys}
         return out
 
 
@@ -211,25 +243,33 @@ def _rounded(d: dict[str, Any]) -> dict[str, Any]:
 class FlashFFN:
     """The FFN read from flash per the mode; implements the model's `ffn(x, layer)`."""
 
-    def __init__(self, model: ConvertedModel, mode: str, dtype: torch.dtype,
-                 reader: FlashReader, telemetry: Telemetry, window: int = 4,
-                 capacity: int | None = None, predictors: Predictors | None = None,
-                 resident: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: ConvertedModel,
+        mode: str,
+        dtype: torch.dtype,
+        reader: FlashReader,
+        telemetry: Telemetry,
+        window: int = 4,
+        capacity: int | None = None,
+        predictors: Predictors | None = None,
+        resident: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         cfg, lay = model.config, model.layout
         self.cfg, self.layout, self.mode, self.dtype = cfg, lay, mode, dtype
         self.reader, self.telemetry, self.predictors = reader, telemetry, predictors
         self.act = ACTIVATION_FNS[cfg.activation]
         res = resident or {}
-        self.biases = [{k: res.get(f"layers.{i}.ffn.{k}") for k in ("up_bias", "gate_bias",
-                                                                     "down_bias")}
-                       for i in range(cfg.n_layers)]
+        self.biases = [
+            {k: res.get(f"layers.{i}.ffn.{k}") for k in ("up_bias", "gate_bias", "down_bias")}
+            for i in range(cfg.n_layers)
+        ]
         n = cfg.d_ffn
         if mode in ("naive", "hybrid"):
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
             return
         capacity = n if capacity is None else capacity
-        self.caches = [WindowCache(n, capacity, lay.stride, 1 if mode == "predictor" else window)
-                       for _ in range(cfg.n_layers)]
+        self.caches = [WindowCache(n, capacity, lay.stride, window) for _ in range(cfg.n_layers)]
         # One scratch area, shared by the layers (they run one after another), for the neurons
         # a token needs beyond its layer's capacity.
         self.scratch = aligned_buffer((n - min(capacity, n)) * lay.stride).view(-1, lay.stride)
@@ -238,17 +278,25 @@ class FlashFFN:
             span = -(-self.part_bytes // ALIGN) * ALIGN + ALIGN
             self.vector_batch = 256
             self.vector_scratch = aligned_buffer(self.vector_batch * span).view(
-                self.vector_batch, span)
+                self.vector_batch, span
+            )
         if mode == "oracle":
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
             # DRAM, outside the budget. Oracle mode is for testing and analysis.
             self.oracle = [model.ffn(i) for i in range(cfg.n_layers)]
-            self.oracle = [FFNWeights(up=w.up.to(dtype), down=w.down[:0],
-                                      gate=None if w.gate is None else w.gate.to(dtype),
-                                      up_bias=w.up_bias, gate_bias=w.gate_bias)
-                           for w in self.oracle]
-            self.activity = predictors.activity if predictors is not None else [0.0] * len(
-                self.oracle)
+            self.oracle = [
+                FFNWeights(
+                    up=w.up.to(dtype),
+                    down=w.down[:0],
+                    gate=None if w.gate is None else w.gate.to(dtype),
+                    up_bias=w.up_bias,
+                    gate_bias=w.gate_bias,
+                )
+                for w in self.oracle
+            ]
+            self.activity = (
+                predictors.activity if predictors is not None else [0.0] * len(self.oracle)
+            )
         elif predictors is None:
             raise ModelFormatError(f"mode {mode!r} needs predictors: run `streamer calibrate`")
 
@@ -262,7 +310,7 @@ class FlashFFN:
         if self.mode in ("naive", "hybrid"):
             return self._whole_layer(x, layer)
         # The window advances token by token, so a prompt is taken one row at a time.
-        return torch.cat([self._sparse(x[t:t + 1], layer) for t in range(x.shape[0])])
+        return torch.cat([self._sparse(x[t : t + 1], layer) for t in range(x.shape[0])])
 
     def _weights(self, layer: int, records: torch.Tensor, ids: np.ndarray | None) -> FFNWeights:
         parts = self.layout.unpack(records)
@@ -274,9 +322,14 @@ class FlashFFN:
                 return None
             return t if idx is None else t[idx]
 
-        return FFNWeights(up=parts["up"], down=parts["down"], gate=parts.get("gate"),
-                          up_bias=pick(b["up_bias"]), gate_bias=pick(b["gate_bias"]),
-                          down_bias=b["down_bias"])
+        return FFNWeights(
+            up=parts["up"],
+            down=parts["down"],
+            gate=parts.get("gate"),
+            up_bias=pick(b["up_bias"]),
+            gate_bias=pick(b["gate_bias"]),
+            down_bias=b["down_bias"],
+        )
 
     def _whole_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         stats = LayerStats(layer)
@@ -306,26 +359,28 @@ class FlashFFN:
         for first, length in merge_runs(ids):
             for j in range(first, first + length, max_rows):
                 k = min(max_rows, first + length - j)
-                reqs.append((lay.offset(layer, int(ids[j])),
-                             view[j * lay.stride:(j + k) * lay.stride]))
+                reqs.append(
+                    (lay.offset(layer, int(ids[j])), view[j * lay.stride : (j + k) * lay.stride])
+                )
         return reqs
 
-    def _read_vectors(self, layer: int, ids: np.ndarray, rows: torch.Tensor,
-                      read: ReadStats) -> float:
+    def _read_vectors(
+        self, layer: int, ids: np.ndarray, rows: torch.Tensor, read: ReadStats
+    ) -> float:
         """The unbundled layout's reads: each part of each neuron on its own (aligned span)."""
         lay, pb, mem = self.layout, self.part_bytes, 0.0
         jobs = [(r, j) for r in range(len(ids)) for j in range(len(lay.parts))]
         for b in range(0, len(jobs), self.vector_batch):
-            batch, reqs, cuts = jobs[b:b + self.vector_batch], [], []
+            batch, reqs, cuts = jobs[b : b + self.vector_batch], [], []
             for slot, (r, j) in enumerate(batch):
                 start = lay.offset(layer, int(ids[r])) + j * pb
                 lo, hi = start // ALIGN * ALIGN, -(-(start + pb) // ALIGN) * ALIGN
-                reqs.append((lo, memoryview(self.vector_scratch[slot, :hi - lo].numpy())))
+                reqs.append((lo, memoryview(self.vector_scratch[slot, : hi - lo].numpy())))
                 cuts.append(start - lo)
             self.reader.read(reqs, read)
             t0 = time.perf_counter()
             for slot, ((r, j), cut) in enumerate(zip(batch, cuts, strict=True)):
-                rows[r, j * pb:(j + 1) * pb] = self.vector_scratch[slot, cut:cut + pb]
+                rows[r, j * pb : (j + 1) * pb] = self.vector_scratch[slot, cut : cut + pb]
             mem += time.perf_counter() - t0
         return mem
 
@@ -335,11 +390,13 @@ class FlashFFN:
         active = self._active(x, layer)
         cache = self.caches[layer]
         t0 = time.perf_counter()
+        if self.mode == "predictor":
+            cache.reset()  # no window: every predicted neuron is read again
         plan = cache.step(active)
         mem = time.perf_counter() - t0
         read = ReadStats()
-        new_rows = cache.rows[plan.start:plan.start + len(plan.load)]
-        over_rows = self.scratch[:len(plan.overflow)]
+        new_rows = cache.rows[plan.start : plan.start + len(plan.load)]
+        over_rows = self.scratch[: len(plan.overflow)]
         if self.mode == "window":
             mem += self._read_vectors(layer, plan.load, new_rows, read)
             mem += self._read_vectors(layer, plan.overflow, over_rows, read)
@@ -350,13 +407,17 @@ class FlashFFN:
                 self.reader.read(reqs, read)
         stats.bytes_read, stats.reads = read.bytes, read.reads
         stats.io_ms, stats.mem_ms = read.seconds * 1e3, mem * 1e3
-        stats.predicted, stats.hits, stats.loaded = len(np.unique(active)), plan.hits, len(
-            plan.load) + len(plan.overflow)
+        stats.predicted, stats.hits, stats.loaded = (
+            len(np.unique(active)),
+            plan.hits,
+            len(plan.load) + len(plan.overflow),
+        )
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
         self.telemetry.layers.append(stats)
         # Compute on the used rows directly: every cached neuron, plus this token's overflow.
-        out = ffn_forward(x, self._weights(layer, cache.rows[:cache.count], cache.cached),
-                          self.act)
+        out = ffn_forward(
+            x, self._weights(layer, cache.rows[: cache.count], cache.cached), self.act
+        )
         if len(plan.overflow):
             w = self._weights(layer, over_rows, plan.overflow)
             w.down_bias = None  # added once above
@@ -391,19 +452,28 @@ class MemoryPlan:
     def describe(self) -> str:
         mib = 2**20
         budget = "none" if self.budget is None else f"{self.budget / mib:.1f} MiB"
-        return (f"DRAM budget {budget} (model {self.model_bytes / mib:.1f} MiB): resident "
-                f"{self.resident / mib:.1f} + predictors {self.predictors / mib:.1f} + KV cache "
-                f"{self.kv_cache / mib:.1f} + staging/scratch {self.staging / mib:.1f} + window "
-                f"caches {self.caches / mib:.1f} ({self.n_layers} x {self.cache_rows} rows of "
-                f"{self.row_bytes} B) = {self.total / mib:.1f} MiB; fixed overhead "
-                f"{self.overhead / mib:.1f} MiB (runtime at start + working memory)")
+        return (
+            f"DRAM budget {budget} (model {self.model_bytes / mib:.1f} MiB): resident "
+            f"{self.resident / mib:.1f} + predictors {self.predictors / mib:.1f} + KV cache "
+            f"{self.kv_cache / mib:.1f} + staging/scratch {self.staging / mib:.1f} + window "
+            f"caches {self.caches / mib:.1f} ({self.n_layers} x {self.cache_rows} rows of "
+            f"{self.row_bytes} B) = {self.total / mib:.1f} MiB; fixed overhead "
+            f"{self.overhead / mib:.1f} MiB (runtime at start + working memory)"
+        )
 
 
 class Engine:
     """A model ready to decode in one mode; `forward` records telemetry per step."""
 
-    def __init__(self, model: Transformer, telemetry: Telemetry, plan: MemoryPlan, mode: str,
-                 ffn: FlashFFN | None, readers: list[FlashReader]) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        telemetry: Telemetry,
+        plan: MemoryPlan,
+        mode: str,
+        ffn: FlashFFN | None,
+        readers: list[FlashReader],
+    ) -> None:
         self.model, self.telemetry, self.plan, self.mode = model, telemetry, plan, mode
         self.flash_ffn, self.readers = ffn, readers
         self.cfg, self.dtype = model.cfg, model.dtype
@@ -430,22 +500,44 @@ class Engine:
         self.close()
 
 
-def dense_engine(source: Source, dtype: torch.dtype, max_len: int, budget: int | None = None,
-                 model_bytes: int = 0, overhead: int | None = None) -> Engine:
+def dense_engine(
+    source: Source,
+    dtype: torch.dtype,
+    max_len: int,
+    budget: int | None = None,
+    model_bytes: int = 0,
+    overhead: int | None = None,
+) -> Engine:
     """Every weight in DRAM (the reference), from any source."""
     overhead = rss_bytes() + WORKING_MEMORY if overhead is None else overhead
     cfg = source.config
     model = load_dense(source, dtype)
-    ffn_bytes = sum(_nbytes(t) for w in model.ffn.layers for t in vars(w).values()
-                    if t is not None)
-    plan = MemoryPlan(budget, model_bytes, sum(_nbytes(t) for t in model.w.values()) + ffn_bytes,
-                      0, _kv_bytes(cfg, max_len, dtype), 0, 0, 0, cfg.n_layers, overhead)
+    ffn_bytes = sum(_nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
+    plan = MemoryPlan(
+        budget,
+        model_bytes,
+        sum(_nbytes(t) for t in model.w.values()) + ffn_bytes,
+        0,
+        _kv_bytes(cfg, max_len, dtype),
+        0,
+        0,
+        0,
+        cfg.n_layers,
+        overhead,
+    )
     return Engine(model, Telemetry(), plan, "dense", None, [])
 
 
-def load_engine(directory: str | os.PathLike, mode: str = "all", window: int = 4,
-                dram_budget: str | int | None = None, concurrency: int = 32,
-                direct: bool = True, dtype: str | None = None, max_len: int = 2048) -> Engine:
+def load_engine(
+    directory: str | os.PathLike,
+    mode: str = "all",
+    window: int = 4,
+    dram_budget: str | int | None = None,
+    concurrency: int = 32,
+    direct: bool = True,
+    dtype: str | None = None,
+    max_len: int = 2048,
+) -> Engine:
     """A converted model ready to decode in `mode` within `dram_budget`."""
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -471,10 +563,14 @@ def load_engine(directory: str | os.PathLike, mode: str = "all", window: int = 4
         predictors.to(compute)
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
     if mode == "naive":
-        readers.append(FlashReader(model.directory / "resident.safetensors",
-                                   concurrency=concurrency, direct=direct))
-        resident: Mapping[str, torch.Tensor] = StreamedResident(model, readers[1], compute,
-                                                                telemetry)
+        readers.append(
+            FlashReader(
+                model.directory / "resident.safetensors", concurrency=concurrency, direct=direct
+            )
+        )
+        resident: Mapping[str, torch.Tensor] = StreamedResident(
+            model, readers[1], compute, telemetry
+        )
         resident_bytes = 0
     else:
         resident = load_resident(model, compute)
@@ -484,16 +580,34 @@ def load_engine(directory: str | os.PathLike, mode: str = "all", window: int = 4
     if mode in ("naive", "hybrid"):
         staging, rows = lay.layer_bytes, 0
     else:
-        rows, staging = _cache_rows(budget, resident_bytes + pred_bytes + kv, cfg, lay.stride,
-                                    mode)
-    plan = MemoryPlan(budget, model_bytes, resident_bytes, pred_bytes, kv, staging, rows,
-                      lay.stride, cfg.n_layers, overhead)
+        rows, staging = _cache_rows(budget, resident_bytes + pred_bytes + kv, cfg, lay.stride, mode)
+    plan = MemoryPlan(
+        budget,
+        model_bytes,
+        resident_bytes,
+        pred_bytes,
+        kv,
+        staging,
+        rows,
+        lay.stride,
+        cfg.n_layers,
+        overhead,
+    )
     if budget is not None and plan.total > budget:
-        raise ConfigError(f"--dram-budget {dram_budget} is too small for mode {mode}: "
-                          f"{plan.describe()}")
-    ffn = FlashFFN(model, mode, compute, readers[0], telemetry, window,
-                   rows if mode in SPARSE_MODES else None, predictors,
-                   resident if mode != "naive" else _ffn_biases(model, compute))
+        raise ConfigError(
+            f"--dram-budget {dram_budget} is too small for mode {mode}: {plan.describe()}"
+        )
+    ffn = FlashFFN(
+        model,
+        mode,
+        compute,
+        readers[0],
+        telemetry,
+        window,
+        rows if mode in SPARSE_MODES else None,
+        predictors,
+        resident if mode != "naive" else _ffn_biases(model, compute),
+    )
     transformer = Transformer(cfg, resident, ffn, compute)
     return Engine(transformer, telemetry, plan, mode, ffn, readers)
 
@@ -512,8 +626,7 @@ def _kv_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * max_len * cfg.head_dim * dtype.itemsize
 
 
-def _cache_rows(budget: int | None, fixed: int, cfg, stride: int,
-                mode: str) -> tuple[int, int]:
+def _cache_rows(budget: int | None, fixed: int, cfg, stride: int, mode: str) -> tuple[int, int]:
     """Rows per layer's window cache, and the shared overflow scratch, within the budget."""
     n, layers = cfg.d_ffn, cfg.n_layers
     if budget is None:
@@ -523,7 +636,9 @@ def _cache_rows(budget: int | None, fixed: int, cfg, stride: int,
     c = min(n, (avail - n) // (layers - 1)) if layers > 1 else min(n, avail)
     if c < 1 or avail < n:
         need = fixed + (n + layers) * stride
-        raise ConfigError(f"--dram-budget {budget} B is too small for mode {mode}: the resident "
-                          f"part, predictors and KV cache take {fixed / 2**20:.1f} MiB and at "
-                          f"least {need / 2**20:.1f} MiB are needed")
+        raise ConfigError(
+            f"--dram-budget {budget} B is too small for mode {mode}: the resident "
+            f"part, predictors and KV cache take {fixed / 2**20:.1f} MiB and at "
+            f"least {need / 2**20:.1f} MiB are needed"
+        )
     return c, (n - c) * stride

@@ -53,8 +53,13 @@ class ReadStats:
 class FlashReader:
     """Concurrent positional reads of one file, direct when the filesystem allows it."""
 
-    def __init__(self, path: str | os.PathLike, concurrency: int = 32, direct: bool = True,
-                 max_read: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        concurrency: int = 32,
+        direct: bool = True,
+        max_read: int = 1 << 20,
+    ) -> None:
         if not 1 <= concurrency <= 1024:
             raise ConfigError(f"concurrency must be in [1, 1024], got {concurrency}")
         if max_read < ALIGN or max_read % ALIGN:
@@ -85,9 +90,12 @@ class FlashReader:
         fs = os.path.dirname(os.path.abspath(self.path))
         if fs not in _warned:
             _warned.add(fs)
-            print(f"WARNING: O_DIRECT refused for {self.path} ({error.strerror}); falling back "
-                  "to buffered reads with posix_fadvise(DONTNEED). Reads may be served from the "
-                  "page cache, so flash timings here are not cold-cache figures.", file=sys.stderr)
+            print(
+                f"WARNING: O_DIRECT refused for {self.path} ({error.strerror}); falling back "
+                "to buffered reads with posix_fadvise(DONTNEED). Reads may be served from the "
+                "page cache, so flash timings here are not cold-cache figures.",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:
@@ -108,8 +116,9 @@ class FlashReader:
             if n == 0 and offset + done >= self.size:
                 break  # an aligned read may run past the end of the file: the rest stays as is
             if n <= 0:
-                raise StreamerError(f"{self.path}: short read at byte {offset + done} "
-                                    f"(file truncated?)")
+                raise StreamerError(
+                    f"{self.path}: short read at byte {offset + done} (file truncated?)"
+                )
             done += n
         if not self.direct:
             os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
@@ -133,12 +142,18 @@ class FlashReader:
     def chunked(self, offset: int, dest: torch.Tensor) -> list[tuple[int, memoryview]]:
         """Requests reading dest.numel() bytes at offset in chunks of at most max_read."""
         view = memoryview(dest.numpy()).cast("B")
-        return [(offset + i, view[i:i + self.max_read])
-                for i in range(0, len(view), self.max_read)]
+        return [
+            (offset + i, view[i : i + self.max_read]) for i in range(0, len(view), self.max_read)
+        ]
 
 
-def probe_disk(path: str | os.PathLike, chunk_sizes: list[int], concurrencies: list[int],
-               seconds: float = 1.0, file_bytes: int = 1 << 30) -> list[dict]:
+def probe_disk(
+    path: str | os.PathLike,
+    chunk_sizes: list[int],
+    concurrencies: list[int],
+    seconds: float = 1.0,
+    file_bytes: int = 1 << 30,
+) -> list[dict]:
     """Random-read throughput of the disk holding `path`, by chunk size and concurrency.
 
     Reads a scratch file of `file_bytes` (created next to `path` when `path` is a directory, and
@@ -182,8 +197,13 @@ def _probe_cell(reader: FlashReader, size: int, chunk: int, conc: int, seconds: 
     results = list(reader.pool.map(job, range(conc)))
     elapsed = time.perf_counter() - t0
     total = sum(r[0] for r in results)
-    return {"chunk": chunk, "concurrency": conc, "direct": reader.direct,
-            "reads": sum(r[1] for r in results), "gb_per_s": total / elapsed / 1e9}
+    return {
+        "chunk": chunk,
+        "concurrency": conc,
+        "direct": reader.direct,
+        "reads": sum(r[1] for r in results),
+        "gb_per_s": total / elapsed / 1e9,
+    }
 
 
 def _write_scratch(path: str, nbytes: int) -> None:

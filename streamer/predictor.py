@@ -56,16 +56,25 @@ def parse_ranks(spec: str, n_layers: int) -> list[int]:
             for i in range(first, last + 1):
                 ranks[i] = int(rank)
     except ValueError:
-        raise ConfigError(f"--ranks {spec!r}: expected RANK or FIRST-LAST:RANK,... with layers "
-                          f"in [0, {n_layers}) and ranks >= 1") from None
+        raise ConfigError(
+            f"--ranks {spec!r}: expected RANK or FIRST-LAST:RANK,... with layers "
+            f"in [0, {n_layers}) and ranks >= 1"
+        ) from None
     missing = [i for i, r in enumerate(ranks) if r is None]
     if missing:
         raise ConfigError(f"--ranks {spec!r} gives no rank for layers {missing}")
     return ranks  # type: ignore[return-value]
 
 
-def train_predictor(x: torch.Tensor, y: torch.Tensor, rank: int, epochs: int = 30,
-                    batch: int = 256, lr: float = 3e-3, seed: int = 0) -> LowRankPredictor:
+def train_predictor(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rank: int,
+    epochs: int = 30,
+    batch: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> LowRankPredictor:
     """Fit one predictor: x [N, d] float -> y [N, n] bool, balanced binary cross-entropy.
 
     Positives are weighted by the negatives-to-positives ratio, so a sparse layer (97% zeros)
@@ -82,28 +91,43 @@ def train_predictor(x: torch.Tensor, y: torch.Tensor, rank: int, epochs: int = 3
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         order = torch.randperm(n_samples, generator=gen)
         for i in range(0, n_samples, batch):
-            idx = order[i:i + batch]
-            loss = F.binary_cross_entropy_with_logits(pred(x[idx]), y[idx].float(),
-                                                      pos_weight=pos_weight)
+            idx = order[i : i + batch]
+            loss = F.binary_cross_entropy_with_logits(
+                pred(x[idx]), y[idx].float(), pos_weight=pos_weight
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
     return pred.eval()
 
 
-def pick_threshold(probs: torch.Tensor, y: torch.Tensor, target_recall: float) -> float:
-    """The highest probability threshold whose recall on (probs, y) reaches target_recall."""
-    pos = probs[y]
+def pick_threshold(
+    probs: torch.Tensor, y: torch.Tensor, target_recall: float, mass: torch.Tensor | None = None
+) -> float:
+    """The highest probability threshold that keeps `target_recall` of the active neurons, or,
+    given `mass` (|activation| per entry), of the active neurons' activation mass: what a
+    missed neuron costs is its contribution to the FFN's output."""
+    pos = probs[y].float()
     if pos.numel() == 0:
         return 0.5
-    # Recall >= target  <=>  threshold <= the (1 - target) quantile of the positives' scores.
-    q = torch.quantile(pos.float()[: 1 << 24], 1 - target_recall).item()
-    return float(min(max(q - 1e-6, 1e-4), 0.99))
+    weight = torch.ones_like(pos) if mass is None else mass[y].float()
+    order = torch.argsort(pos)
+    missed = torch.cumsum(weight[order], 0) / weight.sum()  # mass below each candidate
+    k = int(torch.searchsorted(missed, torch.tensor(1 - target_recall)).item())
+    threshold = pos[order][min(k, len(pos) - 1)].item()
+    return float(min(max(threshold - 1e-6, 1e-4), 0.99))
 
 
-def recall_precision(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def recall_precision(
+    pred: torch.Tensor, y: torch.Tensor, mass: torch.Tensor | None = None
+) -> tuple[float, float, float]:
+    """Recall and precision by count, and recall by activation mass (1.0 without `mass`)."""
     tp = (pred & y).sum().item()
-    return tp / max(y.sum().item(), 1), tp / max(pred.sum().item(), 1)
+    mass_recall = 1.0
+    if mass is not None:
+        m = mass.float() * y
+        mass_recall = (m * pred).sum().item() / max(m.sum().item(), 1e-12)
+    return tp / max(y.sum().item(), 1), tp / max(pred.sum().item(), 1), mass_recall
 
 
 @dataclass
@@ -145,9 +169,13 @@ class Predictors:
                     for name, t in p.state_dict().items():
                         tensors[f"{kind}.{i}.{name}"] = t.contiguous()
         save_file(tensors, str(directory / WEIGHTS_FILE))
-        meta = {**self.meta, "thresholds": self.thresholds, "activity": self.activity,
-                "lookahead_thresholds": self.lookahead_thresholds,
-                "ranks": [p.down.out_features for p in self.layers]}
+        meta = {
+            **self.meta,
+            "thresholds": self.thresholds,
+            "activity": self.activity,
+            "lookahead_thresholds": self.lookahead_thresholds,
+            "ranks": [p.down.out_features for p in self.layers],
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -155,15 +183,17 @@ class Predictors:
         from safetensors.torch import load_file
 
         if not (directory / META_FILE).is_file():
-            raise ModelFormatError(f"{directory} has no predictors: run `streamer calibrate` "
-                                   "on it first")
+            raise ModelFormatError(
+                f"{directory} has no predictors: run `streamer calibrate` on it first"
+            )
         try:
             meta = json.loads((directory / META_FILE).read_text())
             tensors = load_file(str(directory / WEIGHTS_FILE))
             ranks = meta["ranks"]
             if len(ranks) != n_layers or len(meta["thresholds"]) != n_layers:
-                raise ModelFormatError(f"{directory / META_FILE}: {len(ranks)} layers, the model "
-                                       f"has {n_layers}")
+                raise ModelFormatError(
+                    f"{directory / META_FILE}: {len(ranks)} layers, the model has {n_layers}"
+                )
 
             def build(kind: str, i: int) -> LowRankPredictor | None:
                 if f"{kind}.{i}.down.weight" not in tensors:
@@ -175,8 +205,13 @@ class Predictors:
             layers = [build("layers", i) for i in range(n_layers)]
             if any(p is None for p in layers):
                 raise ModelFormatError(f"{directory / WEIGHTS_FILE} lacks a layer's predictor")
-            return cls(layers, meta["thresholds"], meta["activity"],  # type: ignore[arg-type]
-                       [build("lookahead", i) for i in range(n_layers)],
-                       meta["lookahead_thresholds"], meta)
+            return cls(
+                layers,
+                meta["thresholds"],
+                meta["activity"],  # type: ignore[arg-type]
+                [build("lookahead", i) for i in range(n_layers)],
+                meta["lookahead_thresholds"],
+                meta,
+            )
         except (KeyError, RuntimeError, OSError, ValueError) as e:
             raise ModelFormatError(f"{directory}: predictors cannot be read ({e})") from None

@@ -67,7 +67,7 @@ class WindowCache:
             self.ids[fill] = moved
             self.row_of[moved] = fill
         self.row_of[neurons] = -1
-        self.ids[new_count: self.count] = -1
+        self.ids[new_count : self.count] = -1
         self.count = new_count
 
     def step(self, active: np.ndarray) -> Plan:

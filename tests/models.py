@@ -179,9 +179,14 @@ def make_sparse_opt(directory: Path, shift: float = 0.5, seed: int = 0, **overri
     import transformers
 
     cls_name, kwargs = FAMILIES["opt"]
-    config = transformers.OPTConfig(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
-                                    pad_token_id=1, initializer_range=0.15,
-                                    **{**kwargs, **overrides})
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        initializer_range=0.15,
+        **{**kwargs, **overrides},
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

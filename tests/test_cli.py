@@ -124,8 +124,9 @@ def calibrated_opt(tmp_path_factory):
     src = make_sparse_opt(tmp_path_factory.mktemp("cli-opt-hf"))
     out = tmp_path_factory.mktemp("cli-opt") / "m"
     streamer("convert", str(src), str(out))
-    proc = streamer("calibrate", str(out), "--ranks", "16", "--epochs", "3", "--max-tokens",
-                    "512", "--json")
+    proc = streamer(
+        "calibrate", str(out), "--ranks", "16", "--epochs", "3", "--max-tokens", "512", "--json"
+    )
     report = json.loads(proc.stdout)
     assert len(report["layers"]) == 2 and report["perplexity"]["dense"] > 1
     return out
@@ -134,9 +135,21 @@ def calibrated_opt(tmp_path_factory):
 def test_generate_modes_report_telemetry(calibrated_opt):
     results = {}
     for mode in ("dense", "hybrid", "all"):
-        proc = streamer("generate", str(calibrated_opt), "--prompt", "the quick brown fox",
-                        "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--mode",
-                        mode, "--json", "--stats")
+        proc = streamer(
+            "generate",
+            str(calibrated_opt),
+            "--prompt",
+            "the quick brown fox",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--mode",
+            mode,
+            "--json",
+            "--stats",
+        )
         result = json.loads(proc.stdout)
         summary = result["summary"]
         assert summary["mode"] == mode
@@ -157,8 +170,11 @@ def test_eval_prints_perplexity_per_mode(calibrated_opt, tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
     ppl = {}
     for mode in ("dense", "oracle", "all"):
-        out = json.loads(streamer("eval", str(calibrated_opt), "--text", str(text), "--mode", mode,
-                                  "--json").stdout)
+        out = json.loads(
+            streamer(
+                "eval", str(calibrated_opt), "--text", str(text), "--mode", mode, "--json"
+            ).stdout
+        )
         assert out["mode"] == mode and out["tokens"] > 10
         ppl[mode] = out["perplexity"]
     assert ppl["oracle"] == pytest.approx(ppl["dense"], rel=1e-3)  # ReLU: oracle is exact
@@ -166,14 +182,25 @@ def test_eval_prints_perplexity_per_mode(calibrated_opt, tmp_path):
 
 
 def test_flash_modes_need_a_converted_model(hf_model):
-    proc = streamer("generate", str(hf_model("opt")), "--prompt", "hi", "--mode", "all",
-                    check=False)
+    proc = streamer(
+        "generate", str(hf_model("opt")), "--prompt", "hi", "--mode", "all", check=False
+    )
     assert proc.returncode == 2 and "streamer convert" in proc.stderr
 
 
 def test_probe_disk_prints_a_table(tmp_path):
-    proc = streamer("probe-disk", str(tmp_path), "--chunks", "4K,64K", "--concurrency", "1,4",
-                    "--seconds", "0.05", "--file-size", "16MiB")
+    proc = streamer(
+        "probe-disk",
+        str(tmp_path),
+        "--chunks",
+        "4K,64K",
+        "--concurrency",
+        "1,4",
+        "--seconds",
+        "0.05",
+        "--file-size",
+        "16MiB",
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines[-2].split()[0] == "4Ki" and lines[-1].split()[0] == "64Ki"
     assert all(float(v) > 0 for v in lines[-1].split()[1:])

@@ -26,8 +26,9 @@ def converted(hf_model, tmp_path_factory):
     def get(family: str):
         if family not in made:
             out = tmp_path_factory.mktemp(f"{family}-flash") / "m"
-            made[family] = convert(HFSource(hf_model(family)), out, dtype="float32",
-                                   progress=False).directory
+            made[family] = convert(
+                HFSource(hf_model(family)), out, dtype="float32", progress=False
+            ).directory
         return made[family]
 
     return get
@@ -45,9 +46,10 @@ def rows_budget(directory, rows: int, mode: str = "oracle", max_len: int = 64) -
 def test_oracle_equals_dense_for_relu_models(family, rows, converted):
     directory = converted(family)
     budget = None if rows is None else rows_budget(directory, rows)
-    with load_engine(directory, mode="dense", max_len=64) as dense, \
-            load_engine(directory, mode="oracle", window=2, dram_budget=budget,
-                        max_len=64) as oracle:
+    with (
+        load_engine(directory, mode="dense", max_len=64) as dense,
+        load_engine(directory, mode="oracle", window=2, dram_budget=budget, max_len=64) as oracle,
+    ):
         tokens, ref = greedy_with_logits(dense, PROMPT, 16)
         tokens2, ours = greedy_with_logits(oracle, PROMPT, 16)
         assert tokens2 == tokens
@@ -64,10 +66,15 @@ def test_oracle_equals_dense_for_relu_models(family, rows, converted):
 def sparse_opt(tmp_path_factory):
     """d = 1024 in float32: a weight vector is exactly 4 KiB, as for OPT-6.7B in float16, so
     the unbundled (window) mode can read each vector on its own with O_DIRECT."""
-    src = make_sparse_opt(tmp_path_factory.mktemp("sparse-opt-hf"), hidden_size=1024,
-                          ffn_dim=1024, num_attention_heads=8)
-    out = convert(HFSource(src), tmp_path_factory.mktemp("sparse-opt") / "m", dtype="float32",
-                  progress=False).directory
+    src = make_sparse_opt(
+        tmp_path_factory.mktemp("sparse-opt-hf"),
+        hidden_size=1024,
+        ffn_dim=1024,
+        num_attention_heads=8,
+    )
+    out = convert(
+        HFSource(src), tmp_path_factory.mktemp("sparse-opt") / "m", dtype="float32", progress=False
+    ).directory
     calibrate(out, CalibrationSettings(ranks="32", epochs=8, max_tokens=1024), progress=False)
     return out
 
@@ -79,8 +86,7 @@ def per_token(directory, mode: str, tokens: int = 8) -> dict:
 
 
 def test_bytes_per_token_fall_as_in_the_papers_table_2(sparse_opt):
-    rows = {m: per_token(sparse_opt, m) for m in ("naive", "hybrid", "predictor", "window",
-                                                  "all")}
+    rows = {m: per_token(sparse_opt, m) for m in ("naive", "hybrid", "predictor", "window", "all")}
     b = {m: r["bytes_read"] for m, r in rows.items()}
     assert b["naive"] > b["hybrid"] > b["predictor"] > b["all"] > 0
     # Same neurons, same bytes: bundling changes how they are read, not what.
@@ -113,14 +119,34 @@ def test_budget_too_small_is_refused_with_the_numbers(sparse_opt):
 def test_rss_stays_within_the_budget(tmp_path):
     """A model whose FFN dominates (256 MiB of 330): with a 50% budget the process's peak RSS
     stays under the budget plus the stated fixed overhead, far below what dense needs."""
-    src = make_sparse_opt(tmp_path / "hf", hidden_size=1024, ffn_dim=8192,
-                          num_attention_heads=8, num_hidden_layers=4)
+    src = make_sparse_opt(
+        tmp_path / "hf", hidden_size=1024, ffn_dim=8192, num_attention_heads=8, num_hidden_layers=4
+    )
     out = convert(HFSource(src), tmp_path / "m", dtype="float32", progress=False).directory
     calibrate(out, CalibrationSettings(ranks="16", epochs=2, max_tokens=256), progress=False)
     proc = subprocess.run(
-        [sys.executable, "-m", "streamer", "generate", str(out), "--prompt", "the quick brown",
-         "--max-tokens", "8", "--temperature", "0", "--mode", "all", "--dram-budget", "50%",
-         "--json"], capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "generate",
+            str(out),
+            "--prompt",
+            "the quick brown",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--mode",
+            "all",
+            "--dram-budget",
+            "50%",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "DRAM budget" in proc.stderr  # printed at start
     summary = json.loads(proc.stdout)["summary"]

@@ -32,10 +32,12 @@ def test_direct_reads_return_the_files_bytes(data_file):
         bufs = [aligned_buffer(2 * ALIGN) for _ in range(10)]
         offsets = [i * 6 * ALIGN for i in range(10)]
         stats = ReadStats()
-        n = reader.read([(o, memoryview(b.numpy())) for o, b in zip(offsets, bufs)], stats)
+        n = reader.read(
+            [(o, memoryview(b.numpy())) for o, b in zip(offsets, bufs, strict=True)], stats
+        )
         assert n == stats.bytes == 20 * ALIGN and stats.reads == 10
-        for o, b in zip(offsets, bufs):
-            assert np.array_equal(b.numpy(), data[o:o + 2 * ALIGN])
+        for o, b in zip(offsets, bufs, strict=True):
+            assert np.array_equal(b.numpy(), data[o : o + 2 * ALIGN])
         whole = aligned_buffer(len(data))
         reqs = reader.chunked(0, whole)
         assert len(reqs) == 1  # 256 KiB fits in one max_read
@@ -58,7 +60,7 @@ def test_buffered_reads_return_the_same_bytes(data_file):
         assert not reader.direct
         buf = aligned_buffer(ALIGN)
         reader.read([(3 * ALIGN, memoryview(buf.numpy()))])
-        assert np.array_equal(buf.numpy(), data[3 * ALIGN:4 * ALIGN])
+        assert np.array_equal(buf.numpy(), data[3 * ALIGN : 4 * ALIGN])
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
@@ -85,7 +87,11 @@ def test_merge_runs():
 def test_probe_disk_measures_each_cell(tmp_path):
     rows = probe_disk(tmp_path, [ALIGN, 4 * ALIGN], [1, 4], seconds=0.05, file_bytes=8 << 20)
     assert [(r["chunk"], r["concurrency"]) for r in rows] == [
-        (ALIGN, 1), (4 * ALIGN, 1), (ALIGN, 4), (4 * ALIGN, 4)]
+        (ALIGN, 1),
+        (4 * ALIGN, 1),
+        (ALIGN, 4),
+        (4 * ALIGN, 4),
+    ]
     assert all(r["gb_per_s"] > 0 and r["reads"] > 0 for r in rows)
     assert not any(p.name.startswith(".streamer-probe") for p in tmp_path.iterdir())
 

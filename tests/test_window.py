@@ -30,12 +30,13 @@ def test_unbounded_cache_holds_exactly_the_window(sets, window):
         plan = cache.step(np.array(active, dtype=np.int64))
         stamp(cache, plan.load, plan.start)
         assert len(plan.overflow) == 0
-        union = set().union(*map(set, sets[max(0, t - window + 1):t + 1]))
+        union = set().union(*map(set, sets[max(0, t - window + 1) : t + 1]))
         assert set(cache.cached.tolist()) == union
         assert len(cache.cached) == len(union)  # no duplicates
         # Every row still holds the neuron its id says (swap-delete moved data with ids).
-        assert torch.equal(cache.rows[:cache.count, 0], torch.from_numpy(cache.cached).to(
-            torch.uint8))
+        assert torch.equal(
+            cache.rows[: cache.count, 0], torch.from_numpy(cache.cached).to(torch.uint8)
+        )
         assert all(cache.row_of[n] == r for r, n in enumerate(cache.cached))
         assert plan.hits + len(plan.load) == len(set(active))
 
@@ -63,8 +64,9 @@ def test_bounded_cache_keeps_the_most_recent_within_capacity(sets, window, capac
             dropped = union - cached
             if dropped and cached:
                 assert max(last_seen[n] for n in dropped) <= min(last_seen[n] for n in cached)
-        assert torch.equal(cache.rows[:cache.count, 0], torch.from_numpy(cache.cached).to(
-            torch.uint8))
+        assert torch.equal(
+            cache.rows[: cache.count, 0], torch.from_numpy(cache.cached).to(torch.uint8)
+        )
 
 
 def test_step_reports_loads_evictions_and_hits():
