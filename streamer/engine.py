@@ -42,6 +42,7 @@ from streamer.window import WindowCache
 MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
 WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
+ROW_BUCKET = 64  # row counts are rounded up to this (see FlashFFN._rows_forward)
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _UNITS = {
@@ -312,22 +313,15 @@ class FlashFFN:
         # The window advances token by token, so a prompt is taken one row at a time.
         return torch.cat([self._sparse(x[t : t + 1], layer) for t in range(x.shape[0])])
 
-    def _weights(self, layer: int, records: torch.Tensor, ids: np.ndarray | None) -> FFNWeights:
-        parts = self.layout.unpack(records)
-        b = self.biases[layer]
-        idx = None if ids is None else torch.from_numpy(ids)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return t if idx is None else t[idx]
-
+    def _layer_weights(self, layer: int, records: torch.Tensor) -> FFNWeights:
+        """A whole layer's records as FFN matrices (views), with its resident biases."""
+        parts, b = self.layout.unpack(records), self.biases[layer]
         return FFNWeights(
             up=parts["up"],
             down=parts["down"],
             gate=parts.get("gate"),
-            up_bias=pick(b["up_bias"]),
-            gate_bias=pick(b["gate_bias"]),
+            up_bias=b["up_bias"],
+            gate_bias=b["gate_bias"],
             down_bias=b["down_bias"],
         )
 
@@ -339,7 +333,7 @@ class FlashFFN:
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
-        return ffn_forward(x.to(self.dtype), self._weights(layer, self.staging, None), self.act)
+        return ffn_forward(x.to(self.dtype), self._layer_weights(layer, self.staging), self.act)
 
     def _active(self, x: torch.Tensor, layer: int) -> np.ndarray:
         if self.mode != "oracle":
@@ -415,14 +409,36 @@ class FlashFFN:
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
         self.telemetry.layers.append(stats)
         # Compute on the used rows directly: every cached neuron, plus this token's overflow.
-        out = ffn_forward(
-            x, self._weights(layer, cache.rows[: cache.count], cache.cached), self.act
-        )
+        out = self._rows_forward(x, layer, cache.rows, cache.cached)
         if len(plan.overflow):
-            w = self._weights(layer, over_rows, plan.overflow)
-            w.down_bias = None  # added once above
-            out = out + ffn_forward(x, w, self.act)
-        return out
+            out = out + self._rows_forward(x, layer, self.scratch, plan.overflow)
+        b = self.biases[layer]["down_bias"]
+        return out if b is None else out + b
+
+    def _rows_forward(
+        self, x: torch.Tensor, layer: int, rows: torch.Tensor, ids: np.ndarray
+    ) -> torch.Tensor:
+        """The FFN over the neurons in rows[:len(ids)], without the down bias: x [1, d] -> [1, d].
+
+        The row count is rounded up to a multiple of ROW_BUCKET (the extra rows masked out):
+        oneDNN keeps a primitive per matrix shape for 16-bit matmuls, and a new count every
+        token would grow the process by hundreds of MiB."""
+        c = len(ids)
+        if c == 0:
+            return torch.zeros_like(x)
+        n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
+        parts = self.layout.unpack(rows[:n])
+        idx = torch.zeros(n, dtype=torch.long)
+        idx[:c] = torch.from_numpy(ids)
+        bias = self.biases[layer]
+        up_b, gate_b = bias["up_bias"], bias["gate_bias"]
+        h = F.linear(x, parts["up"], None if up_b is None else up_b[idx])
+        if "gate" in parts:
+            h = self.act(F.linear(x, parts["gate"], None if gate_b is None else gate_b[idx])) * h
+        else:
+            h = self.act(h)
+        h[:, c:] = 0
+        return h @ parts["down"]
 
 
 # --------------------------------------------------------------------------- the engine

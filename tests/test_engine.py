@@ -117,32 +117,19 @@ def test_budget_too_small_is_refused_with_the_numbers(sparse_opt):
 
 @pytest.mark.slow
 def test_rss_stays_within_the_budget(tmp_path):
-    """A model whose FFN dominates (256 MiB of 330): with a 50% budget the process's peak RSS
+    """A model whose FFN dominates (128 MiB of 165): with a 50% budget the process's peak RSS
     stays under the budget plus the stated fixed overhead, far below what dense needs."""
     src = make_sparse_opt(
         tmp_path / "hf", hidden_size=1024, ffn_dim=8192, num_attention_heads=8, num_hidden_layers=4
     )
-    out = convert(HFSource(src), tmp_path / "m", dtype="float32", progress=False).directory
+    # float16, as models are stored: its matmuls go through oneDNN, which keeps memory per
+    # matrix shape (the engine rounds row counts up so that it does not grow).
+    out = convert(HFSource(src), tmp_path / "m", progress=False).directory
     calibrate(out, CalibrationSettings(ranks="16", epochs=2, max_tokens=256), progress=False)
+    args = "--max-tokens 48 --temperature 0 --ignore-eos --mode all --dram-budget 50% --json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamer",
-            "generate",
-            str(out),
-            "--prompt",
-            "the quick brown",
-            "--max-tokens",
-            "8",
-            "--temperature",
-            "0",
-            "--mode",
-            "all",
-            "--dram-budget",
-            "50%",
-            "--json",
-        ],
+        [sys.executable, "-m", "streamer", "generate", str(out), "--prompt", "the quick brown"]
+        + args.split(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -152,5 +139,6 @@ def test_rss_stays_within_the_budget(tmp_path):
     summary = json.loads(proc.stdout)["summary"]
     mem = summary["memory"]
     assert mem["total"] <= mem["budget"] <= 0.5 * mem["model_bytes"]
+    assert summary["overflow"] > 0  # the budget bites: some neurons do not fit the windows
     assert summary["peak_rss_bytes"] <= mem["budget"] + mem["overhead"]
     assert summary["bytes_read"] > 0
