@@ -298,16 +298,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(
-        f"{'layer':>5} {'rank':>5} {'active':>7} {'predicted':>9} {'recall':>7} "
-        f"{'precision':>9} {'ahead rec':>9} {'ahead prec':>10}"
-    )
+    columns = [
+        ("layer", "layer", "d"),
+        ("rank", "rank", "d"),
+        ("active", "active", ".3f"),
+        ("predicted", "predicted", ".3f"),
+        ("recall", "recall", ".3f"),
+        ("precision", "precision", ".3f"),
+        ("mass rec", "mass_recall", ".3f"),
+        ("ahead rec", "lookahead_recall", ".3f"),
+        ("ahead mass", "lookahead_mass_recall", ".3f"),
+    ]
+    print(" ".join(f"{title:>10}" for title, _, _ in columns))
     for r in report["layers"]:
         print(
-            f"{r['layer']:>5} {r['rank']:>5} {r['active']:>7.3f} {r['predicted']:>9.3f} "
-            f"{r['recall']:>7.3f} {r['precision']:>9.3f} "
-            f"{r.get('lookahead_recall', float('nan')):>9.3f} "
-            f"{r.get('lookahead_precision', float('nan')):>10.3f}"
+            " ".join(f"{r[key]:>10{fmt}}" if key in r else f"{'-':>10}" for _, key, fmt in columns)
         )
     ppl = report["perplexity"]
     print(

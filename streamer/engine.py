@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ class Telemetry:
             "mem_ms": round(mem_ms, 3),
             "compute_ms": round(total_ms - io_ms - mem_ms, 3),
             "total_ms": round(total_ms, 3),
-            "layers": [_rounded(asdict(s)) for s in self.layers],
+            "layers": [_rounded(vars(s)) for s in self.layers],
         }
         self.steps.append(step)
         return step
@@ -261,8 +261,13 @@ class FlashFFN:
         self.reader, self.telemetry, self.predictors = reader, telemetry, predictors
         self.act = ACTIVATION_FNS[cfg.activation]
         res = resident or {}
+        # The FFN math runs in the stored dtype, on the rows as read; the rest of the model in
+        # `dtype`. Biases follow the rows.
         self.biases = [
-            {k: res.get(f"layers.{i}.ffn.{k}") for k in ("up_bias", "gate_bias", "down_bias")}
+            {
+                k: None if (t := res.get(f"layers.{i}.ffn.{k}")) is None else t.to(lay.dtype)
+                for k in ("up_bias", "gate_bias", "down_bias")
+            }
             for i in range(cfg.n_layers)
         ]
         n = cfg.d_ffn
@@ -285,16 +290,6 @@ class FlashFFN:
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
             # DRAM, outside the budget. Oracle mode is for testing and analysis.
             self.oracle = [model.ffn(i) for i in range(cfg.n_layers)]
-            self.oracle = [
-                FFNWeights(
-                    up=w.up.to(dtype),
-                    down=w.down[:0],
-                    gate=None if w.gate is None else w.gate.to(dtype),
-                    up_bias=w.up_bias,
-                    gate_bias=w.gate_bias,
-                )
-                for w in self.oracle
-            ]
             self.activity = (
                 predictors.activity if predictors is not None else [0.0] * len(self.oracle)
             )
@@ -333,7 +328,8 @@ class FlashFFN:
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
-        return ffn_forward(x.to(self.dtype), self._layer_weights(layer, self.staging), self.act)
+        w = self._layer_weights(layer, self.staging)
+        return ffn_forward(x.to(self.layout.dtype), w, self.act).to(self.dtype)
 
     def _active(self, x: torch.Tensor, layer: int) -> np.ndarray:
         if self.mode != "oracle":
@@ -380,7 +376,7 @@ class FlashFFN:
 
     def _sparse(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         stats = LayerStats(layer)
-        x = x.to(self.dtype)
+        x = x.to(self.layout.dtype)
         active = self._active(x, layer)
         cache = self.caches[layer]
         t0 = time.perf_counter()
@@ -402,7 +398,7 @@ class FlashFFN:
         stats.bytes_read, stats.reads = read.bytes, read.reads
         stats.io_ms, stats.mem_ms = read.seconds * 1e3, mem * 1e3
         stats.predicted, stats.hits, stats.loaded = (
-            len(np.unique(active)),
+            len(active),
             plan.hits,
             len(plan.load) + len(plan.overflow),
         )
@@ -413,7 +409,7 @@ class FlashFFN:
         if len(plan.overflow):
             out = out + self._rows_forward(x, layer, self.scratch, plan.overflow)
         b = self.biases[layer]["down_bias"]
-        return out if b is None else out + b
+        return (out if b is None else out + b).to(self.dtype)
 
     def _rows_forward(
         self, x: torch.Tensor, layer: int, rows: torch.Tensor, ids: np.ndarray
@@ -428,15 +424,13 @@ class FlashFFN:
             return torch.zeros_like(x)
         n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
         parts = self.layout.unpack(rows[:n])
-        idx = torch.zeros(n, dtype=torch.long)
-        idx[:c] = torch.from_numpy(ids)
-        bias = self.biases[layer]
-        up_b, gate_b = bias["up_bias"], bias["gate_bias"]
-        h = F.linear(x, parts["up"], None if up_b is None else up_b[idx])
-        if "gate" in parts:
-            h = self.act(F.linear(x, parts["gate"], None if gate_b is None else gate_b[idx])) * h
-        else:
-            h = self.act(h)
+        up_b, gate_b = self.biases[layer]["up_bias"], self.biases[layer]["gate_bias"]
+        if up_b is not None:  # each row's own bias; the padding rows take neuron 0's
+            idx = torch.zeros(n, dtype=torch.long)
+            idx[:c] = torch.from_numpy(ids)
+            up_b, gate_b = up_b[idx], None if gate_b is None else gate_b[idx]
+        h = F.linear(x, parts["up"], up_b)
+        h = self.act(F.linear(x, parts["gate"], gate_b)) * h if "gate" in parts else self.act(h)
         h[:, c:] = 0
         return h @ parts["down"]
 

@@ -73,7 +73,9 @@ class WindowCache:
     def step(self, active: np.ndarray) -> Plan:
         """Advance one token whose active neurons are `active` (unique ids); what to read."""
         self.t += 1
-        active = np.unique(active)
+        active = np.asarray(active, dtype=np.int64)
+        if len(active) > 1 and not (np.diff(active) > 0).all():
+            active = np.unique(active)  # the predictors give sorted unique ids already
         self.last_active[active] = self.t
         cached = self.cached
         expired = cached[self.last_active[cached] <= self.t - self.window]

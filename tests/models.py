@@ -143,8 +143,9 @@ def train_tokenizer(vocab_size: int = 300):
     return tok
 
 
-def make_hf_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
-    """A random model of family `name` saved to `directory` (float32 safetensors + tokenizer)."""
+def make_hf_model(name: str, directory: Path, seed: int = 0, edit=None, **overrides) -> Path:
+    """A random model of family `name` saved to `directory` (float32 safetensors + tokenizer);
+    `edit(model)` may change its weights first."""
     import transformers
 
     cls_name, kwargs = FAMILIES[name]
@@ -158,6 +159,9 @@ def make_hf_model(name: str, directory: Path, seed: int = 0, **overrides) -> Pat
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     train_tokenizer().save(str(directory / "tokenizer.json"))
@@ -176,25 +180,10 @@ def hf_logits(directory: Path, tokens: list[int]) -> torch.Tensor:
 def make_sparse_opt(directory: Path, shift: float = 0.5, seed: int = 0, **overrides) -> Path:
     """A random OPT whose FFN is sparse like a trained ReLU model's: fc1 biases shifted down,
     some neurons more often active than others."""
-    import transformers
 
-    cls_name, kwargs = FAMILIES["opt"]
-    config = transformers.OPTConfig(
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        initializer_range=0.15,
-        **{**kwargs, **overrides},
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
+    def shift_biases(model) -> None:
         for layer in model.model.decoder.layers:
             n = layer.fc1.bias.shape[0]
-            # A spread of biases: a few neurons fire often, most rarely.
             layer.fc1.bias.copy_(-shift * torch.linspace(0.2, 2.0, n)[torch.randperm(n)])
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    train_tokenizer().save(str(directory / "tokenizer.json"))
-    return directory
+
+    return make_hf_model("opt", directory, seed, edit=shift_biases, **overrides)

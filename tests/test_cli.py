@@ -11,6 +11,7 @@ import pytest
 from streamer.registry import default_gguf
 
 PROMPT = "Write a short story about a robot who learns to paint."
+GREEDY_12 = ["--chat", "--max-tokens", "12", "--temperature", "0"]
 
 
 def streamer(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,18 +37,7 @@ def test_convert_then_generate_every_model_kind(tmp_path):
     assert streamer("verify", str(out)).stdout.startswith("ok ")
     runs = {}
     for model in (str(out), str(default_gguf()), "default"):
-        proc = streamer(
-            "generate",
-            model,
-            "--prompt",
-            PROMPT,
-            "--chat",
-            "--max-tokens",
-            "12",
-            "--temperature",
-            "0",
-            "--json",
-        )
+        proc = streamer("generate", model, "--prompt", PROMPT, *GREEDY_12, "--json")
         result = json.loads(proc.stdout)
         assert set(result) >= {"token_ids", "text", "summary"}
         assert len(result["token_ids"]) == result["summary"]["generated_tokens"] == 12
@@ -60,17 +50,7 @@ def test_convert_then_generate_every_model_kind(tmp_path):
     assert len(first["text"].split()) >= 5
 
     # Without --json the same text streams to stdout.
-    proc = streamer(
-        "generate",
-        str(out),
-        "--prompt",
-        PROMPT,
-        "--chat",
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0",
-    )
+    proc = streamer("generate", str(out), "--prompt", PROMPT, *GREEDY_12)
     assert proc.stdout.strip() == first["text"].strip()
 
 
