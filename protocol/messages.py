@@ -1,0 +1,313 @@
+"""Every message that crosses a socket, defined once: the wire schema of the pipeline.
+
+Each message is a frozen dataclass with a unique `KIND` tag. Fields are plain values (int, float,
+str, bool, list[int], dict) or numpy arrays; arrays travel as their own raw frames (see
+`protocol.codec`). New fields are only ever appended at the end, with defaults; the handshake
+carries `PROTOCOL_VERSION`, and a peer speaking another version is refused. `check(limits)` is
+each message's range check: the decoder calls it on every message it accepts, so a stage never
+sees an out-of-range token id, layer, length or size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+ROLES = ("client", "launcher", "predictor", "prefetch", "compute")
+
+
+class ProtocolError(ValueError):
+    """A frame or message that is not in the schema, or out of range; names the problem."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a decoder accepts. The model-derived bounds come from the handshake."""
+
+    max_frames: int = 8
+    max_frame_bytes: int = 256 << 20
+    max_header_bytes: int = 1 << 20
+    max_prompt_chars: int = 1 << 20
+    max_tokens: int = 32768
+    vocab_size: int = 1 << 20
+    n_layers: int = 1024
+    d_model: int = 1 << 16
+    n_neurons: int = 1 << 20
+    row_bytes: int = 1 << 20
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ProtocolError(message)
+
+
+class Message:
+    KIND: ClassVar[str]
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {}  # field -> (dtypes, ndim)
+
+    def check(self, limits: Limits) -> None:  # noqa: B027 (most messages need no range check)
+        """Ranges beyond the types (the codec already checked types and array dtypes)."""
+
+
+# --------------------------------------------------------------------------- control
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """First message on every connection; the peer answers Welcome or Error."""
+
+    KIND: ClassVar[str] = "hello"
+    protocol: int
+    role: str
+    name: str = ""
+
+    def check(self, limits: Limits) -> None:
+        _need(self.role in ROLES, f"hello.role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    KIND: ClassVar[str] = "welcome"
+    protocol: int
+    model: str
+    vocab_size: int
+    n_layers: int
+    max_context: int
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    KIND: ClassVar[str] = "heartbeat"
+    stage: str
+    seq: int
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class Dead(Message):
+    """A stage that cannot go on says so once, then exits."""
+
+    KIND: ClassVar[str] = "dead"
+    stage: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True)
+class Generate(Message):
+    """Start a request: exactly one of `prompt` (text) and `prompt_ids` (token ids)."""
+
+    KIND: ClassVar[str] = "generate"
+    request_id: str
+    prompt: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    chat: bool = False
+    system: str = ""
+    ignore_eos: bool = False
+
+    def check(self, limits: Limits) -> None:
+        _need(0 < len(self.request_id) <= 128, "generate.request_id must be 1 to 128 characters")
+        _need(
+            bool(self.prompt) != bool(self.prompt_ids),
+            "generate needs exactly one of prompt and prompt_ids",
+        )
+        _need(
+            len(self.prompt) + len(self.system) <= limits.max_prompt_chars,
+            f"generate.prompt is longer than {limits.max_prompt_chars} characters",
+        )
+        _need(
+            len(self.prompt_ids) <= limits.max_tokens,
+            f"generate.prompt_ids has more than {limits.max_tokens} tokens",
+        )
+        _need(
+            all(0 <= t < limits.vocab_size for t in self.prompt_ids),
+            f"generate.prompt_ids must lie in [0, {limits.vocab_size})",
+        )
+        _need(
+            1 <= self.max_tokens <= limits.max_tokens,
+            f"generate.max_tokens must be in [1, {limits.max_tokens}], got {self.max_tokens}",
+        )
+        _need(
+            0 <= self.temperature <= 100,
+            f"generate.temperature must be in [0, 100], got {self.temperature}",
+        )
+        _need(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p}")
+        _need(0 <= self.seed < 2**63, "generate.seed must be in [0, 2**63)")
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Token(Message):
+    """One generated token; `text` is what it adds to the decoded text so far."""
+
+    KIND: ClassVar[str] = "token"
+    request_id: str
+    index: int
+    token_id: int
+    text: str = ""
+
+    def check(self, limits: Limits) -> None:
+        _need(0 <= self.token_id < limits.vocab_size, "token.token_id out of range")
+        _need(0 <= self.index < limits.max_tokens, "token.index out of range")
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    KIND: ClassVar[str] = "done"
+    request_id: str
+    token_ids: list[int]
+    text: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """A refused message or a failed request; `request_id` is "" when none applies."""
+
+    KIND: ClassVar[str] = "error"
+    request_id: str
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+def _check_layer(kind: str, layer: int, limits: Limits) -> None:
+    _need(0 <= layer < limits.n_layers, f"{kind}.layer must be in [0, {limits.n_layers})")
+
+
+def _check_ids(kind: str, name: str, ids: np.ndarray, limits: Limits) -> None:
+    _need(len(ids) <= limits.n_neurons, f"{kind}.{name} has more than {limits.n_neurons} entries")
+    if len(ids):
+        _need(
+            int(ids.min()) >= 0 and int(ids.max()) < limits.n_neurons,
+            f"{kind}.{name} must lie in [0, {limits.n_neurons})",
+        )
+
+
+def _check_rows(msg: Any, limits: Limits) -> None:
+    """Fetch and RowsReady: a layer, and neuron ids paired with cache rows."""
+    _check_layer(msg.KIND, msg.layer, limits)
+    _need(msg.neurons.shape == msg.rows.shape, f"{msg.KIND}.neurons and .rows differ in length")
+    _check_ids(msg.KIND, "neurons", msg.neurons, limits)
+    _check_ids(msg.KIND, "rows", msg.rows, limits)
+
+
+@dataclass(frozen=True)
+class FFNInput(Message):
+    """Compute -> predictor: a layer's FFN input as soon as it exists. x: [T, d]."""
+
+    KIND: ClassVar[str] = "ffn_input"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {"x": (("float16", "float32"), 2)}
+    request_id: str
+    step: int
+    layer: int
+    x: np.ndarray
+
+    def check(self, limits: Limits) -> None:
+        _check_layer(self.KIND, self.layer, limits)
+        _need(self.x.shape[1] <= limits.d_model, "ffn_input.x is wider than d_model")
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """Predictor -> prefetch: read these neurons' bundles into these cache rows."""
+
+    KIND: ClassVar[str] = "fetch"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
+        "neurons": (("int32", "int64"), 1),
+        "rows": (("int32", "int64"), 1),
+    }
+    request_id: str
+    step: int
+    layer: int
+    neurons: np.ndarray
+    rows: np.ndarray
+    lookahead: bool = False
+
+    def check(self, limits: Limits) -> None:
+        _check_rows(self, limits)
+
+
+@dataclass(frozen=True)
+class RowsReady(Message):
+    """Prefetch -> compute: the rows of a Fetch are in shared memory."""
+
+    KIND: ClassVar[str] = "rows_ready"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
+        "neurons": (("int32", "int64"), 1),
+        "rows": (("int32", "int64"), 1),
+    }
+    request_id: str
+    step: int
+    layer: int
+    neurons: np.ndarray
+    rows: np.ndarray
+    bytes_read: int = 0
+    reads: int = 0
+    io_ms: float = 0.0
+
+    def check(self, limits: Limits) -> None:
+        _check_rows(self, limits)
+
+
+@dataclass(frozen=True)
+class Rows(Message):
+    """Prefetch -> compute across hosts: the bundles themselves, as a raw frame."""
+
+    KIND: ClassVar[str] = "rows"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
+        "neurons": (("int32", "int64"), 1),
+        "data": (("uint8",), 2),
+    }
+    request_id: str
+    step: int
+    layer: int
+    neurons: np.ndarray
+    data: np.ndarray  # [k, row_bytes]
+
+    def check(self, limits: Limits) -> None:
+        _check_layer(self.KIND, self.layer, limits)
+        _check_ids(self.KIND, "neurons", self.neurons, limits)
+        _need(self.data.shape[0] == len(self.neurons), "rows.data has a row per neuron")
+        _need(self.data.shape[1] <= limits.row_bytes, "rows.data rows are too wide")
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Heartbeat,
+        Dead,
+        Generate,
+        Cancel,
+        Token,
+        Done,
+        Error,
+        FFNInput,
+        Fetch,
+        RowsReady,
+        Rows,
+    )
+}
+
+
+def fields_of(cls: type[Message]) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))  # type: ignore[arg-type]

@@ -1,0 +1,220 @@
+"""The wire schema and codec: round trips of every message, over real ZeroMQ sockets too, and
+strict rejection of everything else (hypothesis-generated frames never get past ProtocolError)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol.codec import decode, encode
+from protocol.messages import (
+    MESSAGES,
+    PROTOCOL_VERSION,
+    Cancel,
+    Dead,
+    Done,
+    Error,
+    Fetch,
+    FFNInput,
+    Generate,
+    Heartbeat,
+    Hello,
+    Limits,
+    ProtocolError,
+    Rows,
+    RowsReady,
+    Token,
+    Welcome,
+)
+
+LIMITS = Limits(vocab_size=49152, n_layers=30, d_model=576, n_neurons=1536, row_bytes=4096)
+ids = np.array([3, 4, 5, 900], dtype=np.int64)
+EXAMPLES = [
+    Hello(PROTOCOL_VERSION, "client", "test"),
+    Welcome(PROTOCOL_VERSION, "SmolLM2-135M-Instruct", 49152, 30, 8192),
+    Heartbeat("prefetch", 7, 1234.5),
+    Dead("compute", "out of memory"),
+    Generate("r1", prompt="hello", max_tokens=16, temperature=0.0),
+    Generate("r2", prompt_ids=[1, 2, 3], chat=False, seed=9),
+    Cancel("r1"),
+    Token("r1", 0, 42, " Paris"),
+    Done("r1", [42, 2], " Paris", {"ms_per_token": 37.5, "stop_reason": "eos"}),
+    Error("", "bad_request", "unknown message kind 'x'"),
+    FFNInput("r1", 3, 12, np.linspace(-1, 1, 2 * 576, dtype=np.float16).reshape(2, 576)),
+    Fetch("r1", 3, 13, ids, np.arange(4, dtype=np.int32), lookahead=True),
+    RowsReady("r1", 3, 13, ids, np.arange(4, dtype=np.int32), 16384, 2, 0.4),
+    Rows("r1", 3, 13, ids, np.arange(4 * 4096, dtype=np.uint8).reshape(4, 4096)),
+]
+
+
+def same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            if not (x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_every_kind_has_an_example():
+    assert {type(m) for m in EXAMPLES} == set(MESSAGES.values())
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.KIND)
+def test_round_trip(msg):
+    frames = encode(msg)
+    assert frames[0] == msg.KIND.encode()
+    assert len(frames) == 2 + len(msg.ARRAYS)
+    assert same(decode(frames, LIMITS), msg)
+    # Arrays ride as their own frames, not copied into the header.
+    for name in msg.ARRAYS:
+        assert len(frames[1]) < getattr(msg, name).nbytes or getattr(msg, name).nbytes < 64
+
+
+def test_round_trip_over_real_zeromq_sockets_zero_copy():
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://codec-test")
+        b.connect("inproc://codec-test")
+        for msg in EXAMPLES:
+            a.send_multipart(encode(msg), copy=False)
+            got = decode(b.recv_multipart(copy=False), LIMITS)
+            assert same(got, msg)
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
+
+
+def tamper(msg, **changes) -> list:
+    """msg's frames with header fields replaced (None removes one)."""
+    frames = encode(msg)
+    header = msgpack.unpackb(frames[1])
+    for key, value in changes.items():
+        section, name = key.split("__")
+        if value is None:
+            header[section].pop(name)
+        else:
+            header[section][name] = value
+    return [frames[0], msgpack.packb(header), *frames[2:]]
+
+
+@pytest.mark.parametrize(
+    "frames,match",
+    [
+        ([b"generate"], "2 to 8 frames"),
+        ([b"nonsense", msgpack.packb({"f": {}, "a": {}})], "unknown message kind"),
+        ([b"cancel", b"\xc1"], "not valid msgpack"),
+        ([b"cancel", msgpack.packb([1, 2])], "map with the keys"),
+        (tamper(Cancel("r"), f__request_id=None), "cancel.request_id is missing"),
+        (tamper(Cancel("r"), f__request_id=5), "cancel.request_id must be str"),
+        (tamper(Cancel("r"), f__color="red"), "no field"),
+        (tamper(Token("r", 0, 5), f__token_id=True), "token_id must be int"),
+        (tamper(Token("r", 0, 5), f__token_id=10**6), "token_id out of range"),
+        (tamper(Generate("r", prompt="x"), f__temperature=float("nan")), "must be float"),
+        (tamper(Generate("r", prompt="x"), f__prompt_ids=[1]), "exactly one of prompt"),
+        (tamper(Generate("r", prompt="x"), f__max_tokens=0), "max_tokens must be in"),
+        (tamper(Generate("r", prompt="x"), f__top_p=2), "top_p must be in"),
+        (tamper(Generate("r", prompt_ids=[1]), f__prompt_ids=[1, 10**9]), "prompt_ids must lie"),
+        (tamper(EXAMPLES[10], a__x=["float64", [2, 576], 2]), "dtype float16 or float32"),
+        (tamper(EXAMPLES[10], a__x=["float16", [2, 577], 2]), "needs 2308 bytes"),
+        (tamper(EXAMPLES[10], a__x=["float16", [1152], 2]), "2 non-negative dimension"),
+        (tamper(EXAMPLES[10], a__x=["float16", [2, 576], 5]), "refers to frame 5"),
+        (tamper(EXAMPLES[10], f__layer=30), "layer must be in"),
+        (tamper(EXAMPLES[11], a__rows=["int32", [3], 3]), "needs 12 bytes"),
+        (encode(EXAMPLES[3]) + [b"extra"], "no field refers to"),
+    ],
+)
+def test_malformed_messages_are_named(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames, LIMITS)
+
+
+def test_limits_and_accepted_kinds():
+    with pytest.raises(ProtocolError, match="more than the limit"):
+        decode(encode(EXAMPLES[13]), Limits(max_frame_bytes=1000))
+    with pytest.raises(ProtocolError, match="does not take 'cancel'"):
+        decode(encode(Cancel("r")), LIMITS, accept={"generate"})
+    with pytest.raises(ProtocolError, match="hello.role"):
+        decode(encode(Hello(PROTOCOL_VERSION, "intruder")), LIMITS)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def packb(value) -> bytes:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError):
+        return b"\xc1"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(st.binary(max_size=64), max_size=10))
+def test_random_frames_only_ever_raise_protocol_error(frames):
+    with contextlib.suppress(ProtocolError):
+        decode(frames, LIMITS)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(sorted(MESSAGES)),
+    plain=st.dictionaries(
+        st.sampled_from(
+            [
+                "request_id",
+                "prompt",
+                "prompt_ids",
+                "max_tokens",
+                "layer",
+                "step",
+                "token_id",
+                "index",
+                "x",
+                "role",
+                "protocol",
+                "summary",
+                "text",
+                "top_p",
+                "junk",
+            ]
+        ),
+        msgpack_values,
+        max_size=8,
+    ),
+    arrays=st.dictionaries(
+        st.sampled_from(["x", "neurons", "rows", "data", "junk"]), msgpack_values, max_size=3
+    ),
+    extra=st.lists(st.binary(max_size=40), max_size=3),
+)
+def test_schema_shaped_garbage_only_ever_raises_protocol_error(kind, plain, arrays, extra):
+    frames = [kind.encode(), packb({"f": plain, "a": arrays}), *extra]
+    try:
+        msg = decode(frames, LIMITS)
+    except ProtocolError:
+        return
+    # Whatever got through is a well-formed message: it encodes and decodes to itself.
+    assert same(decode(encode(msg), LIMITS), msg)
