@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer, merge_runs
-from streamer.layout import ConvertedModel
+from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import ACTIVATION_FNS, FFNWeights, KVCache, Transformer, ffn_forward
 from streamer.predictor import Predictors
 from streamer.sources import Source, load_dense
@@ -43,6 +43,7 @@ MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
 WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
 ROW_BUCKET = 64  # row counts are rounded up to this (see FlashFFN._rows_forward)
+VECTOR_BATCH = 256  # the window mode's vector reads in flight at once
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _UNITS = {
@@ -116,14 +117,16 @@ def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...
     return out
 
 
-def load_resident(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_resident(
+    model: ConvertedModel, dtype: torch.dtype, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """The resident tensors, read with plain reads (no mmap, whose file pages would count in RSS
     on top of the copies), then dropped from the page cache."""
     path = model.directory / "resident.safetensors"
     index = safetensors_index(path)
     out = {}
     with path.open("rb") as f:
-        for name in model.resident_names():
+        for name in model.resident_names() if names is None else names:
             st_dtype, shape, start, end = index[name]
             arr = np.fromfile(f, dtype=np.uint8, count=end - start, offset=start - f.tell())
             out[name] = torch.from_numpy(arr).view(st_dtype).reshape(shape).to(dtype)
@@ -281,11 +284,8 @@ class FlashFFN:
         self.scratch = aligned_buffer((n - min(capacity, n)) * lay.stride).view(-1, lay.stride)
         self.part_bytes = cfg.d_model * lay.dtype.itemsize
         if mode == "window":
-            span = -(-self.part_bytes // ALIGN) * ALIGN + ALIGN
-            self.vector_batch = 256
-            self.vector_scratch = aligned_buffer(self.vector_batch * span).view(
-                self.vector_batch, span
-            )
+            span = vector_span(self.part_bytes)
+            self.vector_scratch = aligned_buffer(VECTOR_BATCH * span).view(VECTOR_BATCH, span)
         if mode == "oracle":
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
             # DRAM, outside the budget. Oracle mode is for testing and analysis.
@@ -360,8 +360,8 @@ class FlashFFN:
         """The unbundled layout's reads: each part of each neuron on its own (aligned span)."""
         lay, pb, mem = self.layout, self.part_bytes, 0.0
         jobs = [(r, j) for r in range(len(ids)) for j in range(len(lay.parts))]
-        for b in range(0, len(jobs), self.vector_batch):
-            batch, reqs, cuts = jobs[b : b + self.vector_batch], [], []
+        for b in range(0, len(jobs), VECTOR_BATCH):
+            batch, reqs, cuts = jobs[b : b + VECTOR_BATCH], [], []
             for slot, (r, j) in enumerate(batch):
                 start = lay.offset(layer, int(ids[r])) + j * pb
                 lo, hi = start // ALIGN * ALIGN, -(-(start + pb) // ALIGN) * ALIGN
@@ -556,76 +556,86 @@ def load_engine(
     overhead = rss_bytes() + WORKING_MEMORY
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
-    from streamer.layout import parse_dtype
-
     compute = parse_dtype(dtype) if dtype else (torch.float32 if mode == "dense" else lay.dtype)
     resident_disk = model.manifest["resident"]["bytes"]
     model_bytes = resident_disk + cfg.n_layers * cfg.d_ffn * lay.record_bytes
     budget = parse_budget(dram_budget, model_bytes)
-    telemetry = Telemetry()
     if mode == "dense":
         return dense_engine(model, compute, max_len, budget, model_bytes, overhead)
 
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
-        predictors = Predictors.load(model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers)
-        predictors.lookahead = [None] * cfg.n_layers  # the pipeline's; not needed here
-        predictors.to(compute)
+        # The look-ahead predictors are the pipeline's; this engine does not load them.
+        predictors = Predictors.load(
+            model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=False
+        ).to(compute)
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
-    if mode == "naive":
-        readers.append(
-            FlashReader(
-                model.directory / "resident.safetensors", concurrency=concurrency, direct=direct
+    try:
+        telemetry = Telemetry()
+        if mode == "naive":
+            path = model.directory / "resident.safetensors"
+            readers.append(FlashReader(path, concurrency=concurrency, direct=direct))
+            resident: Mapping[str, torch.Tensor] = StreamedResident(
+                model, readers[1], compute, telemetry
             )
+            resident_bytes = 0
+        else:
+            resident = load_resident(model, compute)
+            resident_bytes = sum(_nbytes(t) for t in resident.values())
+        kv = _kv_bytes(cfg, max_len, compute)
+        pred_bytes = predictors.nbytes if predictors is not None else 0
+        if mode in ("naive", "hybrid"):
+            staging, rows = lay.layer_bytes, 0
+        else:
+            vectors = VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
+            extra = vectors if mode == "window" else 0  # the unbundled reads' landing area
+            rows, staging = _cache_rows(
+                budget, resident_bytes + pred_bytes + kv + extra, cfg, lay.stride, mode
+            )
+            staging += extra
+        plan = MemoryPlan(
+            budget,
+            model_bytes,
+            resident_bytes,
+            pred_bytes,
+            kv,
+            staging,
+            rows,
+            lay.stride,
+            cfg.n_layers,
+            overhead,
         )
-        resident: Mapping[str, torch.Tensor] = StreamedResident(
-            model, readers[1], compute, telemetry
+        if budget is not None and plan.total > budget:
+            raise ConfigError(
+                f"--dram-budget {dram_budget} is too small for mode {mode}: {plan.describe()}"
+            )
+        ffn = FlashFFN(
+            model,
+            mode,
+            compute,
+            readers[0],
+            telemetry,
+            window,
+            rows if mode in SPARSE_MODES else None,
+            predictors,
+            resident if mode != "naive" else _ffn_biases(model, compute),
         )
-        resident_bytes = 0
-    else:
-        resident = load_resident(model, compute)
-        resident_bytes = sum(_nbytes(t) for t in resident.values())
-    kv = _kv_bytes(cfg, max_len, compute)
-    pred_bytes = predictors.nbytes if predictors is not None else 0
-    if mode in ("naive", "hybrid"):
-        staging, rows = lay.layer_bytes, 0
-    else:
-        rows, staging = _cache_rows(budget, resident_bytes + pred_bytes + kv, cfg, lay.stride, mode)
-    plan = MemoryPlan(
-        budget,
-        model_bytes,
-        resident_bytes,
-        pred_bytes,
-        kv,
-        staging,
-        rows,
-        lay.stride,
-        cfg.n_layers,
-        overhead,
-    )
-    if budget is not None and plan.total > budget:
-        raise ConfigError(
-            f"--dram-budget {dram_budget} is too small for mode {mode}: {plan.describe()}"
-        )
-    ffn = FlashFFN(
-        model,
-        mode,
-        compute,
-        readers[0],
-        telemetry,
-        window,
-        rows if mode in SPARSE_MODES else None,
-        predictors,
-        resident if mode != "naive" else _ffn_biases(model, compute),
-    )
-    transformer = Transformer(cfg, resident, ffn, compute)
-    return Engine(transformer, telemetry, plan, mode, ffn, readers)
+        transformer = Transformer(cfg, resident, ffn, compute)
+        return Engine(transformer, telemetry, plan, mode, ffn, readers)
+    except BaseException:  # the engine did not take the readers: close them
+        for r in readers:
+            r.close()
+        raise
 
 
 def _ffn_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Naive mode still needs the FFN biases; they are tiny, so read them once."""
-    full = load_resident(model, dtype) if model.config.ffn_bias else {}
-    return {k: v for k, v in full.items() if ".ffn." in k}
+    return load_resident(model, dtype, [n for n in model.resident_names() if ".ffn." in n])
+
+
+def vector_span(part_bytes: int) -> int:
+    """Bytes of the aligned span that holds one weight vector wherever it starts."""
+    return -(-part_bytes // ALIGN) * ALIGN + ALIGN
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -179,7 +179,9 @@ class Predictors:
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, directory: Path, d: int, n: int, n_layers: int) -> Predictors:
+    def load(
+        cls, directory: Path, d: int, n: int, n_layers: int, lookahead: bool = True
+    ) -> Predictors:
         from safetensors.torch import load_file
 
         if not (directory / META_FILE).is_file():
@@ -209,7 +211,7 @@ class Predictors:
                 layers,
                 meta["thresholds"],
                 meta["activity"],  # type: ignore[arg-type]
-                [build("lookahead", i) for i in range(n_layers)],
+                [build("lookahead", i) if lookahead else None for i in range(n_layers)],
                 meta["lookahead_thresholds"],
                 meta,
             )

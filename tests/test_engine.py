@@ -4,6 +4,7 @@ ordering of bytes read, and the DRAM budget."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -109,10 +110,12 @@ def test_calibration_report_and_predictor_quality(sparse_opt):
 
 
 def test_budget_too_small_is_refused_with_the_numbers(sparse_opt):
+    fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ConfigError, match="too small.*MiB"):
         load_engine(sparse_opt, mode="all", dram_budget="1MiB")
     with pytest.raises(ConfigError, match="dram-budget"):
         load_engine(sparse_opt, mode="all", dram_budget="lots")
+    assert len(os.listdir("/proc/self/fd")) == fds  # the refused engine closed its files
 
 
 @pytest.mark.slow
