@@ -1,4 +1,4 @@
-"""The `streamer` command: convert, verify, calibrate, generate, eval and probe-disk.
+"""The `streamer` command: convert, verify, calibrate, generate, eval, probe-disk and keys.
 
 Errors the engine raises on purpose (`StreamerError`) print as one line on stderr with exit
 status 2; anything else is a bug and keeps its traceback.
@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print {perplexity, tokens, mode, ...} as JSON"
     )
     _add_engine(p)
+
+    p = sub.add_parser(
+        "keys",
+        help="make CURVE key pairs for tcp:// endpoints",
+        description="Write a server and a client key pair (pyzmq certificate files) into DIR "
+        "(mode 0700; secret files 0600). A server admits the client public keys in DIR.",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path, help="the directory for the keys")
 
     p = sub.add_parser(
         "probe-disk",
@@ -569,6 +577,14 @@ def _cmd_probe_disk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from protocol.sockets import make_keys
+
+    for name, path in make_keys(args.dir).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 COMMANDS = {
     "convert": _cmd_convert,
     "verify": _cmd_verify,
@@ -576,6 +592,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "eval": _cmd_eval,
     "probe-disk": _cmd_probe_disk,
+    "keys": _cmd_keys,
 }
 
 

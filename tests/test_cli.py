@@ -23,7 +23,9 @@ def streamer(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("command", ["", "convert", "verify", "generate"])
+@pytest.mark.parametrize(
+    "command", ["", "convert", "verify", "calibrate", "generate", "eval", "probe-disk", "keys"]
+)
 def test_help(command):
     proc = streamer(*([command] if command else []), "--help")
     assert "usage: streamer" in proc.stdout
