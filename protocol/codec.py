@@ -177,3 +177,13 @@ def _array(
             f"the frame has {len(views[index])}"
         )
     return np.frombuffer(views[index], dtype=dtype).reshape(shape)
+
+
+def request_id_of(frames: Sequence[Frame]) -> str:
+    """Best effort, for error replies to a message `decode` refused: its request_id, or ""."""
+    try:
+        header = msgpack.unpackb(_bytes(frames[1]), raw=False)
+        request_id = header["f"]["request_id"]
+        return request_id if isinstance(request_id, str) and len(request_id) <= 128 else ""
+    except Exception:  # anything malformed: there is no id to give
+        return ""

@@ -1,4 +1,4 @@
-"""The `streamer` command: convert, verify, calibrate, generate, eval, probe-disk and keys.
+"""The `streamer` command: convert, verify, calibrate, generate, eval, serve, probe-disk, keys.
 
 Errors the engine raises on purpose (`StreamerError`) print as one line on stderr with exit
 status 2; anything else is a bug and keeps its traceback.
@@ -70,6 +70,26 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         help="compute dtype (default: float32 for dense, the stored dtype otherwise)",
     )
     _add_threads(p)
+
+
+def _add_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="CURVE keys for tcp:// endpoints (`streamer keys DIR`)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain tcp:// without CURVE (trusted networks only)",
+    )
+
+
+def _security(args: argparse.Namespace):
+    from protocol.sockets import Security
+
+    return Security(key_dir=args.keys, insecure=args.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text; streams it to the terminal, or prints one "
         "JSON object with --json.",
     )
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default="default",
+        help=MODEL_HELP + " (default: default)",
+    )
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument(
         "--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
@@ -181,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--stats", action="store_true", help="print a telemetry table on stderr")
+    p.add_argument(
+        "--connect",
+        metavar="ENDPOINT",
+        help="ask a running `streamer serve` instead of loading MODEL here",
+    )
+    _add_security(p)
     _add_engine(p)
 
     p = sub.add_parser(
@@ -199,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print {perplexity, tokens, mode, ...} as JSON"
     )
+    _add_engine(p)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve generation over ZeroMQ",
+        description="Load MODEL, bind ENDPOINT, print `ready ENDPOINT`, and serve `generate` "
+        "requests (protocol/README.md) until SIGINT or SIGTERM. Runs the single-process engine.",
+    )
+    p.add_argument("model", metavar="MODEL", nargs="?", default="default", help=MODEL_HELP)
+    p.add_argument(
+        "--endpoint",
+        help="ipc://PATH or tcp://HOST:PORT (default: "
+        "ipc://$XDG_RUNTIME_DIR/streamer/front.sock, else under /tmp/streamer-UID)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=2048,
+        help="most tokens of prompt plus reply a request may use (default: %(default)s)",
+    )
+    _add_security(p)
     _add_engine(p)
 
     p = sub.add_parser(
@@ -381,6 +434,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from streamer.generate import Generation, SamplingParams
     from streamer.sources import open_source
 
+    if args.connect:
+        return _generate_remote(args)
     _set_threads(args.threads)
     t0 = time.perf_counter()
     spec = open_source(args.model).tokenizer()
@@ -451,6 +506,82 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"mode {engine.mode}, stop: {summary['stop_reason']}]",
             file=sys.stderr,
         )
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import anyio
+
+    from protocol.messages import Done
+    from streamer.client import Client
+
+    async def main() -> Done:
+        async with Client(args.connect, _security(args)) as client:
+            async for event in client.generate(
+                args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                chat=args.chat,
+                system=args.system or "",
+                ignore_eos=args.ignore_eos,
+            ):
+                if isinstance(event, Done):
+                    return event
+                if not args.json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+        raise StreamerError("the server ended the request without a result")
+
+    done = anyio.run(main)
+    if args.json:
+        print(json.dumps({"token_ids": done.token_ids, "text": done.text, "summary": done.summary}))
+    else:
+        print()
+    return 0
+
+
+def _default_endpoint() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    directory = Path(base) / "streamer" if base else Path(f"/tmp/streamer-{os.getuid()}")
+    return f"ipc://{directory}/front.sock"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    import anyio
+
+    from streamer.server import Server, ServerSettings
+    from streamer.sources import open_source
+
+    _set_threads(args.threads)
+    if args.context < 2:
+        raise ConfigError(f"--context must be at least 2, got {args.context}")
+    spec = open_source(args.model).tokenizer()
+    if spec is None:
+        raise ModelFormatError(f"{args.model} has no tokenizer (tokenizer.json)")
+    tokenizer = spec.build()
+    engine, source = _open_engine(args, args.context)
+    eos = set(source.config.eos_token_ids)
+    if (eos_id := tokenizer.token_id(spec.eos_token)) is not None:
+        eos.add(eos_id)
+    settings = ServerSettings(
+        args.endpoint or _default_endpoint(), _security(args), model_name=source.description
+    )
+    server = Server(engine, tokenizer, tuple(sorted(eos)), settings)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            endpoint = await tg.start(server.serve)
+            print(f"ready {endpoint}", flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+    anyio.run(main)
     return 0
 
 
@@ -593,6 +724,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "probe-disk": _cmd_probe_disk,
     "keys": _cmd_keys,
+    "serve": _cmd_serve,
 }
 
 

@@ -188,6 +188,10 @@ class Telemetry:
         self.extra = ReadStats()  # reads outside the FFN (naive mode's resident part)
         self._t0 = 0.0
 
+    def reset(self) -> None:
+        """Forget the steps recorded so far (a server's next request)."""
+        self.steps = []
+
     def begin(self) -> None:
         self.layers = []
         self.extra = ReadStats()

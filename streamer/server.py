@@ -1,0 +1,230 @@
+"""Serving generation over ZeroMQ: the front end clients talk to.
+
+A ROUTER socket takes `hello`, `generate` and `cancel` from any number of clients (each a DEALER;
+ZeroMQ's identity frame keeps their streams apart). Requests wait in a bounded queue and run one
+at a time, in order, token by token on a worker thread, so the event loop keeps answering: a
+`cancel` stops a queued or running request at the next token, a malformed message gets an
+`error` reply naming the problem, and the server keeps serving. Each token goes back as a `token`
+message, the end as `done` with the same summary as `streamer generate --json`.
+
+This front end runs the single-process engine (`streamer.engine`) in its own process: the
+stages-as-tasks embedding. The pipeline of separate stage processes is still to come.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from protocol.codec import decode, encode, request_id_of
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Done,
+    Error,
+    Generate,
+    Hello,
+    Limits,
+    ProtocolError,
+    Token,
+    Welcome,
+)
+from protocol.sockets import Security, make_socket, start_authenticator
+from streamer.errors import StreamerError
+from streamer.generate import Generation, SamplingParams
+from streamer.tokenizer import Tokenizer
+
+
+@dataclass
+class Job:
+    identity: bytes
+    request: Generate
+    cancelled: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass
+class ServerSettings:
+    endpoint: str
+    security: Security | None = None
+    queue_size: int = 64
+    model_name: str = ""
+
+
+class Server:
+    """Serves one engine (`streamer.engine.Engine`), which it closes when it stops."""
+
+    def __init__(
+        self, engine: Any, tokenizer: Tokenizer, eos_ids: tuple[int, ...], settings: ServerSettings
+    ) -> None:
+        self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, eos_ids
+        self.settings = settings
+        cfg = engine.cfg
+        self.limits = Limits(
+            vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=cfg.max_positions
+        )
+        self.jobs: dict[tuple[bytes, str], Job] = {}
+        self.counts = {"done": 0, "cancelled": 0, "failed": 0, "refused": 0}
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED):
+        ctx = zmq.asyncio.Context()
+        security = self.settings.security or Security()
+        auth = (
+            start_authenticator(ctx, security)
+            if self.settings.endpoint.startswith("tcp://")
+            else None
+        )
+        sock = make_socket(ctx, zmq.ROUTER, self.settings.endpoint, bind=True, security=security)
+        sock.router_mandatory = False
+        send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
+        try:
+            async with send, receive, anyio.create_task_group() as tg:
+                tg.start_soon(self._receive, sock, send)
+                tg.start_soon(self._run, sock, receive)
+                task_status.started(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        finally:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+            self.engine.close()
+            if self.settings.endpoint.startswith("ipc://"):  # leave no socket file behind
+                Path(self.settings.endpoint[len("ipc://") :]).unlink(missing_ok=True)
+
+    async def _reply(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
+        await sock.send_multipart([identity, *encode(msg)], copy=False)
+
+    async def _receive(
+        self, sock: zmq.asyncio.Socket, send: anyio.abc.ObjectSendStream[Job]
+    ) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                msg = decode(frames[1:], self.limits, accept=("hello", "generate", "cancel"))
+            except ProtocolError as e:
+                self.counts["refused"] += 1
+                rid = request_id_of(frames[1:])
+                await self._reply(sock, identity, Error(rid, "bad_request", str(e)))
+                continue
+            if isinstance(msg, Hello):
+                if msg.protocol != PROTOCOL_VERSION:
+                    await self._reply(
+                        sock,
+                        identity,
+                        Error(
+                            "",
+                            "bad_version",
+                            f"this server speaks protocol {PROTOCOL_VERSION}, not {msg.protocol}",
+                        ),
+                    )
+                    continue
+                cfg = self.engine.cfg
+                await self._reply(
+                    sock,
+                    identity,
+                    Welcome(
+                        PROTOCOL_VERSION,
+                        self.settings.model_name,
+                        cfg.vocab_size,
+                        cfg.n_layers,
+                        cfg.max_positions,
+                    ),
+                )
+            elif isinstance(msg, Cancel):
+                job = self.jobs.get((identity, msg.request_id))
+                if job is not None:
+                    job.cancelled.set()
+            elif isinstance(msg, Generate):
+                key = (identity, msg.request_id)
+                if key in self.jobs:
+                    await self._reply(
+                        sock,
+                        identity,
+                        Error(msg.request_id, "bad_request", "request_id already in use"),
+                    )
+                    continue
+                job = Job(identity, msg)
+                try:
+                    send.send_nowait(job)
+                except anyio.WouldBlock:
+                    await self._reply(
+                        sock,
+                        identity,
+                        Error(
+                            msg.request_id,
+                            "busy",
+                            f"{self.settings.queue_size} requests are "
+                            "already waiting; try again later",
+                        ),
+                    )
+                    continue
+                self.jobs[key] = job
+
+    async def _run(
+        self, sock: zmq.asyncio.Socket, receive: anyio.abc.ObjectReceiveStream[Job]
+    ) -> None:
+        async for job in receive:
+            try:
+                await self._generate(sock, job)
+            except StreamerError as e:
+                self.counts["failed"] += 1
+                await self._reply(
+                    sock, job.identity, Error(job.request.request_id, "failed", str(e))
+                )
+            finally:
+                self.jobs.pop((job.identity, job.request.request_id), None)
+
+    async def _generate(self, sock: zmq.asyncio.Socket, job: Job) -> None:
+        r, tok = job.request, self.tokenizer
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            await self._reply(sock, job.identity, Error(r.request_id, "cancelled", "cancelled"))
+            return
+        if r.prompt_ids:
+            prompt_ids = list(r.prompt_ids)
+        else:
+            prompt_ids = tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
+        params = SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed,
+            stop_ids=() if r.ignore_eos else self.eos_ids,
+        )
+        t0 = time.perf_counter()
+        self.engine.telemetry.reset()
+        run = Generation(self.engine, prompt_ids, params)
+        tokens = iter(run)
+        shown = ""
+        while True:
+            token = await anyio.to_thread.run_sync(next, tokens, None)
+            if token is None:
+                break
+            text = tok.decode(run.token_ids)
+            delta = ""
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                delta, shown = text[len(shown) :], text
+            await self._reply(
+                sock, job.identity, Token(r.request_id, len(run.token_ids) - 1, token, delta)
+            )
+            if job.cancelled.is_set():
+                run.stop_reason = "cancelled"
+                break
+        self.counts["cancelled" if run.stop_reason == "cancelled" else "done"] += 1
+        summary = {
+            "mode": self.engine.mode,
+            **run.summary,
+            **self.engine.telemetry.summary(),
+            "request_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        }
+        await self._reply(
+            sock,
+            job.identity,
+            Done(r.request_id, run.token_ids, tok.decode(run.token_ids), summary),
+        )

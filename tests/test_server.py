@@ -1,0 +1,214 @@
+"""Serving over ZeroMQ: the client library against a real server on real sockets, in-process
+and as a `streamer serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import anyio
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from protocol.codec import decode, encode
+from protocol.messages import Done, Error, Generate, Token
+from streamer.client import Client, ClientError, generate_sync
+from streamer.engine import dense_engine
+from streamer.generate import Generation, SamplingParams
+from streamer.server import Server, ServerSettings
+from streamer.sources import HFSource
+
+
+@pytest.fixture
+def served(hf_model, tmp_path):
+    """(start, expected): start() serves a random Llama on an ipc endpoint in this event loop;
+    expected(ids, n, seed) is what the single-process engine generates."""
+    source = HFSource(hf_model("llama"))
+    tokenizer = source.tokenizer().build()
+    endpoint = f"ipc://{tmp_path}/run/front.sock"
+
+    def expected(prompt_ids, n, seed=0, temperature=0.0):
+        engine = dense_engine(source, torch.float32, 128)
+        params = SamplingParams(max_tokens=n, temperature=temperature, seed=seed)
+        return Generation(engine, prompt_ids, params).run()
+
+    async def start(tg):
+        engine = dense_engine(source, torch.float32, 128)
+        server = Server(engine, tokenizer, (), ServerSettings(endpoint))
+        await tg.start(server.serve)
+        return server
+
+    return endpoint, start, expected
+
+
+async def collect(client, **kw):
+    tokens, done = [], None
+    async for event in client.generate(**kw):
+        if isinstance(event, Token):
+            tokens.append(event.token_id)
+        else:
+            done = event
+    assert isinstance(done, Done) and done.token_ids == tokens
+    return done
+
+
+@pytest.mark.asyncio
+async def test_client_gets_the_single_process_tokens(served):
+    endpoint, start, expected = served
+    async with anyio.create_task_group() as tg:
+        await start(tg)
+        async with Client(endpoint, timeout=30) as client:
+            assert client.welcome.vocab_size == 320
+            done = await collect(
+                client, prompt_ids=[5, 17, 42], max_tokens=10, temperature=0, ignore_eos=True
+            )
+            assert done.token_ids == expected([5, 17, 42], 10)
+            assert done.summary["generated_tokens"] == 10 and done.summary["ms_per_token"] > 0
+            done = await collect(client, prompt="the quick brown fox", max_tokens=4, temperature=0)
+            assert 1 <= len(done.token_ids) <= 4
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_eight_clients_three_requests_each(served):
+    endpoint, start, expected = served
+    want = {
+        (c, r): expected([c + 3, r + 7], 6, seed=c * 10 + r, temperature=1.0)
+        for c in range(8)
+        for r in range(3)
+    }
+    got = {}
+
+    async def one_client(c):
+        async with Client(endpoint, timeout=60) as client:
+            for r in range(3):
+                done = await collect(
+                    client,
+                    prompt_ids=[c + 3, r + 7],
+                    max_tokens=6,
+                    temperature=1.0,
+                    seed=c * 10 + r,
+                    ignore_eos=True,
+                )
+                got[(c, r)] = done.token_ids
+
+    async with anyio.create_task_group() as tg:
+        await start(tg)
+        async with anyio.create_task_group() as clients:
+            for c in range(8):
+                clients.start_soon(one_client, c)
+        tg.cancel_scope.cancel()
+    assert got == want
+
+
+@pytest.mark.asyncio
+async def test_cancel_stops_the_request_server_side(served):
+    endpoint, start, _ = served
+    async with anyio.create_task_group() as tg:
+        server = await start(tg)
+        async with Client(endpoint, timeout=30) as client:
+            seen = 0
+            # 2000 tokens would keep the server busy for seconds; leaving after 2 cancels it.
+            async for _ in client.generate(prompt_ids=[1, 2], max_tokens=2000, ignore_eos=True):
+                seen += 1
+                if seen == 2:
+                    break
+            with anyio.fail_after(20):
+                while server.counts["cancelled"] == 0:
+                    await anyio.sleep(0.05)
+            done = await collect(
+                client, prompt_ids=[3], max_tokens=3, temperature=0, ignore_eos=True
+            )
+            assert len(done.token_ids) == 3
+            assert server.jobs == {} and server.counts["done"] == 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_malformed_requests_get_errors_and_the_server_keeps_serving(served):
+    endpoint, start, _ = served
+    async with anyio.create_task_group() as tg:
+        await start(tg)
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.connect(endpoint)
+        try:
+            for frames, code, rid in (
+                ([b"nonsense", b"\x80"], "bad_request", ""),
+                (encode(Generate("r9", prompt_ids=[1, 10**6])), "bad_request", "r9"),
+                (encode(Token("r1", 0, 1)), "bad_request", "r1"),
+            ):
+                await raw.send_multipart(frames)
+                with anyio.fail_after(10):
+                    reply = decode(await raw.recv_multipart())
+                assert isinstance(reply, Error) and reply.code == code
+                assert reply.request_id == rid and reply.message
+        finally:
+            raw.close(linger=0)
+            ctx.term()
+        async with Client(endpoint, timeout=30) as client:
+            with pytest.raises(ClientError, match="max_tokens must be in"):
+                await collect(client, prompt_ids=[1], max_tokens=10**6)
+            assert len((await collect(client, prompt_ids=[1], max_tokens=2)).token_ids) >= 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_no_server_is_a_clear_error_not_a_hang(tmp_path):
+    with pytest.raises(ClientError, match="did not answer the handshake within 0.5 s"):
+        async with Client(f"ipc://{tmp_path}/nobody.sock", timeout=0.5):
+            pass
+
+
+@pytest.mark.slow
+def test_streamer_serve_end_to_end(tmp_path):
+    """`streamer serve` as a process: ready line, the client's tokens equal the in-process
+    `generate`'s, and SIGTERM stops it leaving no socket file."""
+    endpoint = f"ipc://{tmp_path}/run/front.sock"
+    cmd = [sys.executable, "-m", "streamer", "serve", "default", "--endpoint", endpoint]
+    args = [
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == f"ready {endpoint}"
+            local = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "streamer", "generate", "default", *args],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            remote = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "streamer", "generate", "--connect", endpoint, *args],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            assert remote["token_ids"] == local["token_ids"]
+            assert remote["text"] == local["text"]
+            assert remote["summary"]["generated_tokens"] == len(local["token_ids"])
+            again = generate_sync(
+                endpoint, prompt_ids=local["token_ids"][:3], max_tokens=2, temperature=0
+            )
+            assert again.summary["generated_tokens"] >= 1
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert not os.path.exists(f"{tmp_path}/run/front.sock")
