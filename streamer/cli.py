@@ -568,7 +568,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if (eos_id := tokenizer.token_id(spec.eos_token)) is not None:
         eos.add(eos_id)
     settings = ServerSettings(
-        args.endpoint or _default_endpoint(), _security(args), model_name=source.description
+        args.endpoint or _default_endpoint(),
+        _security(args),
+        model_name=source.description,
+        context=args.context,
     )
     server = Server(engine, tokenizer, tuple(sorted(eos)), settings)
 

@@ -36,7 +36,7 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.sockets import Security, make_socket, start_authenticator
-from streamer.errors import StreamerError
+from streamer.errors import ConfigError, StreamerError
 from streamer.generate import Generation, SamplingParams
 from streamer.tokenizer import Tokenizer
 
@@ -54,6 +54,7 @@ class ServerSettings:
     security: Security | None = None
     queue_size: int = 64
     model_name: str = ""
+    context: int = 2048  # most prompt + reply tokens a request may use (the KV cache's size)
 
 
 class Server:
@@ -65,8 +66,9 @@ class Server:
         self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, eos_ids
         self.settings = settings
         cfg = engine.cfg
+        self.context = min(settings.context, cfg.max_positions)
         self.limits = Limits(
-            vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=cfg.max_positions
+            vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=self.context
         )
         self.jobs: dict[tuple[bytes, str], Job] = {}
         self.counts = {"done": 0, "cancelled": 0, "failed": 0, "refused": 0}
@@ -133,7 +135,7 @@ class Server:
                         self.settings.model_name,
                         cfg.vocab_size,
                         cfg.n_layers,
-                        cfg.max_positions,
+                        self.context,
                     ),
                 )
             elif isinstance(msg, Cancel):
@@ -190,6 +192,11 @@ class Server:
             prompt_ids = list(r.prompt_ids)
         else:
             prompt_ids = tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
+        if len(prompt_ids) + r.max_tokens > self.context:
+            raise ConfigError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({r.max_tokens}) "
+                f"exceeds this server's context of {self.context} tokens"
+            )
         params = SamplingParams(
             max_tokens=r.max_tokens,
             temperature=r.temperature,

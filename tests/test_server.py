@@ -154,6 +154,8 @@ async def test_malformed_requests_get_errors_and_the_server_keeps_serving(served
         async with Client(endpoint, timeout=30) as client:
             with pytest.raises(ClientError, match="max_tokens must be in"):
                 await collect(client, prompt_ids=[1], max_tokens=10**6)
+            with pytest.raises(ClientError, match="exceeds this server's context of 2048"):
+                await collect(client, prompt_ids=[1] * 10, max_tokens=2045)
             assert len((await collect(client, prompt_ids=[1], max_tokens=2)).token_ids) >= 1
         tg.cancel_scope.cancel()
 
