@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=1.0, help="time per cell (default: %(default)s)"
     )
     p.add_argument("--file-size", default="1GiB", help="scratch file size (default: %(default)s)")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="one process per read in flight, as fio's jobs (default: the engine's reader threads)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
@@ -696,7 +701,12 @@ def _cmd_probe_disk(args: argparse.Namespace) -> int:
     if not os.path.exists(args.path):
         raise ConfigError(f"{args.path} not found")
     rows = probe_disk(
-        args.path, chunks, concs, seconds=args.seconds, file_bytes=_size(args.file_size)
+        args.path,
+        chunks,
+        concs,
+        seconds=args.seconds,
+        file_bytes=_size(args.file_size),
+        processes=args.processes,
     )
     if args.json:
         print(json.dumps(rows))

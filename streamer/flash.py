@@ -153,11 +153,14 @@ def probe_disk(
     concurrencies: list[int],
     seconds: float = 1.0,
     file_bytes: int = 1 << 30,
+    processes: bool = False,
 ) -> list[dict]:
     """Random-read throughput of the disk holding `path`, by chunk size and concurrency.
 
     Reads a scratch file of `file_bytes` (created next to `path` when `path` is a directory, and
-    removed afterwards) at random aligned offsets with O_DIRECT for about `seconds` per cell."""
+    removed afterwards) at random aligned offsets with O_DIRECT for about `seconds` per cell.
+    Each of the `concurrency` jobs is a thread of the engine's reader, or with `processes` a
+    process of its own, as fio's jobs are (no shared interpreter lock between them)."""
     target = os.fspath(path)
     scratch = None
     if os.path.isdir(target):
@@ -169,6 +172,14 @@ def probe_disk(
         if size < max(chunk_sizes) * 4:
             raise ConfigError(f"{target} is too small ({size} bytes) to probe")
         rows = []
+        if processes:
+            # Fork only once the reader's threads are gone (closing the reader joins them).
+            with FlashReader(target, concurrency=1) as reader:
+                direct = reader.direct
+            for conc in concurrencies:
+                for chunk in chunk_sizes:
+                    rows.append(_probe_processes(target, direct, size, chunk, conc, seconds))
+            return rows
         for conc in concurrencies:
             with FlashReader(target, concurrency=conc) as reader:
                 for chunk in chunk_sizes:
@@ -205,6 +216,49 @@ def _probe_cell(reader: FlashReader, size: int, chunk: int, conc: int, seconds: 
         "direct": reader.direct,
         "reads": sum(r[1] for r in results),
         "gb_per_s": total / elapsed / 1e9,
+    }
+
+
+def _probe_job(
+    path: str, direct: bool, size: int, chunk: int, seed: int, start: float, seconds: float
+) -> int:
+    """Bytes one process reads from `start` to `start + seconds` (time.monotonic, shared by
+    all processes, so that every job runs in the same window)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        slots = size // chunk
+        offsets = (np.random.default_rng(seed).permutation(slots) * chunk).tolist()
+        buf = [np.frombuffer(mmap.mmap(-1, chunk), dtype=np.uint8)]
+        time.sleep(max(0.0, start - time.monotonic()))
+        done = reads = 0
+        while time.monotonic() < start + seconds:
+            done += os.preadv(fd, buf, offsets[reads % slots])
+            reads += 1
+        return done
+    finally:
+        os.close(fd)
+
+
+def _probe_processes(
+    path: str, direct: bool, size: int, chunk: int, conc: int, seconds: float
+) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(conc, mp_context=ctx) as pool:
+        start = time.monotonic() + 0.5 + 0.02 * conc  # time for every process to be forked
+        jobs = [
+            pool.submit(_probe_job, path, direct, size, chunk, seed, start, seconds)
+            for seed in range(conc)
+        ]
+        total = sum(j.result() for j in jobs)
+    return {
+        "chunk": chunk,
+        "concurrency": conc,
+        "direct": direct,
+        "reads": None,
+        "gb_per_s": total / seconds / 1e9,
     }
 
 
