@@ -81,22 +81,25 @@ class Server:
             if self.settings.endpoint.startswith("tcp://")
             else None
         )
-        sock = make_socket(ctx, zmq.ROUTER, self.settings.endpoint, bind=True, security=security)
-        sock.router_mandatory = False
-        send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
+        sock = None
         try:
+            sock = make_socket(
+                ctx, zmq.ROUTER, self.settings.endpoint, bind=True, security=security
+            )
+            send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
             async with send, receive, anyio.create_task_group() as tg:
                 tg.start_soon(self._receive, sock, send)
                 tg.start_soon(self._run, sock, receive)
                 task_status.started(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
+                if self.settings.endpoint.startswith("ipc://"):  # leave no socket file behind
+                    Path(self.settings.endpoint[len("ipc://") :]).unlink(missing_ok=True)
             if auth is not None:
                 auth.stop()
             ctx.term()
             self.engine.close()
-            if self.settings.endpoint.startswith("ipc://"):  # leave no socket file behind
-                Path(self.settings.endpoint[len("ipc://") :]).unlink(missing_ok=True)
 
     async def _reply(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
         await sock.send_multipart([identity, *encode(msg)], copy=False)

@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from protocol.codec import decode, encode
 from protocol.messages import Done, Error, Generate, Token
+from protocol.sockets import SocketError
 from streamer.client import Client, ClientError, generate_sync
 from streamer.engine import dense_engine
 from streamer.generate import Generation, SamplingParams
@@ -214,3 +215,16 @@ def test_streamer_serve_end_to_end(tmp_path):
             _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not os.path.exists(f"{tmp_path}/run/front.sock")
+
+
+@pytest.mark.asyncio
+async def test_an_endpoint_others_can_reach_is_refused(hf_model, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    source = HFSource(hf_model("llama"))
+    engine = dense_engine(source, torch.float32, 16)
+    server = Server(engine, source.tokenizer().build(), (), ServerSettings(f"ipc://{shared}/x"))
+    with pytest.raises(SocketError, match="mode 0700"):
+        await server.serve()
+    assert not (shared / "x").exists()
