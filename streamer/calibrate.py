@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
-from streamer.model import DenseFFN, Transformer
+from streamer.model import DenseFFN, Transformer, ffn_forward
 from streamer.predictor import (
     Predictors,
     parse_ranks,
@@ -67,22 +66,18 @@ class MaskedFFN:
     def __init__(
         self,
         dense: DenseFFN,
-        gated: bool,
         mask: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         record: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
-        self.dense, self.gated, self.mask, self.record = dense, gated, mask, record
+        self.dense, self.mask, self.record = dense, mask, record
 
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        w, act = self.dense.layers[layer], self.dense.act
-        u = F.linear(x, w.up, w.up_bias)
-        h = act(F.linear(x, w.gate, w.gate_bias)) * u if self.gated else act(u)
-        if self.record is not None:
-            self.record(layer, x, h)
-        if self.mask is not None:
-            h = h * self.mask(layer, x, h)
-        out = h @ w.down
-        return out + w.down_bias if w.down_bias is not None else out
+        def hook(h: torch.Tensor) -> torch.Tensor:
+            if self.record is not None:
+                self.record(layer, x, h)
+            return h if self.mask is None else h * self.mask(layer, x, h)
+
+        return ffn_forward(x, self.dense.layers[layer], self.dense.act, hook)
 
 
 def run_tokens(
@@ -132,7 +127,7 @@ def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
     return ids[:limit]
 
 
-def _record(model: Transformer, dense: DenseFFN, gated: bool, tokens: list[int], chunk: int):
+def _record(model: Transformer, dense: DenseFFN, tokens: list[int], chunk: int):
     """Each layer's FFN inputs [N, d] and activation magnitudes [N, n] over `tokens`."""
     xs: list[list[torch.Tensor]] = [[] for _ in range(model.cfg.n_layers)]
     hs: list[list[torch.Tensor]] = [[] for _ in range(model.cfg.n_layers)]
@@ -141,7 +136,7 @@ def _record(model: Transformer, dense: DenseFFN, gated: bool, tokens: list[int],
         xs[layer].append(x.float().clone())
         hs[layer].append(h.abs().to(torch.float16))
 
-    model.ffn = MaskedFFN(dense, gated, record=record)
+    model.ffn = MaskedFFN(dense, record=record)
     run_tokens(model, tokens, chunk)
     model.ffn = dense
     return [torch.cat(x) for x in xs], [torch.cat(h) for h in hs]
@@ -169,7 +164,7 @@ def calibrate(
     # ReLU (plain or gated) zeroes neurons exactly: "active" is output != 0, nothing to choose.
     relu = cfg.activation == "relu"
 
-    xs, hs = _record(model, dense, cfg.gated, train_tokens, settings.chunk)
+    xs, hs = _record(model, dense, train_tokens, settings.chunk)
     if relu:
         activity = [0.0] * cfg.n_layers  # a ReLU neuron is active when its output is > 0
     else:
@@ -200,7 +195,7 @@ def calibrate(
     del xs, ys, hs
 
     # Held-out quality: recall and precision per layer, and perplexity three ways.
-    hx, hh = _record(model, dense, cfg.gated, held_tokens, settings.chunk)
+    hx, hh = _record(model, dense, held_tokens, settings.chunk)
     per_layer = []
     for i in range(cfg.n_layers):
         y = hh[i].float() > activity[i]
@@ -235,7 +230,7 @@ def calibrate(
 
     ppl = {}
     for name, mask in (("dense", None), ("oracle", oracle), ("predictor", predicted)):
-        model.ffn = MaskedFFN(dense, cfg.gated, mask=mask)
+        model.ffn = MaskedFFN(dense, mask=mask)
         ppl[name], n_tokens = perplexity(model, held_tokens)
     preds.meta = {
         "sparsity": None if relu else settings.sparsity,

@@ -113,11 +113,6 @@ class ModelConfig:
                     "(supported: default, linear, llama3)"
                 )
 
-    @property
-    def d_input(self) -> int:
-        """Width of the token embeddings (differs from d_model only for OPT-350m)."""
-        return self.d_embed or self.d_model
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)

@@ -433,10 +433,19 @@ class FlashFFN:
             idx = torch.zeros(n, dtype=torch.long)
             idx[:c] = torch.from_numpy(ids)
             up_b, gate_b = up_b[idx], None if gate_b is None else gate_b[idx]
-        h = F.linear(x, parts["up"], up_b)
-        h = self.act(F.linear(x, parts["gate"], gate_b)) * h if "gate" in parts else self.act(h)
-        h[:, c:] = 0
-        return h @ parts["down"]
+        w = FFNWeights(
+            up=parts["up"],
+            down=parts["down"],
+            gate=parts.get("gate"),
+            up_bias=up_b,
+            gate_bias=gate_b,
+        )
+
+        def drop_padding(h: torch.Tensor) -> torch.Tensor:
+            h[:, c:] = 0
+            return h
+
+        return ffn_forward(x, w, self.act, drop_padding)
 
 
 # --------------------------------------------------------------------------- the engine

@@ -43,10 +43,15 @@ class FFNWeights:
     down_bias: torch.Tensor | None = None  # [d]
 
 
-def ffn_forward(x: torch.Tensor, w: FFNWeights, act: Callable) -> torch.Tensor:
-    # x: [T, d] -> [T, d]
+def ffn_forward(
+    x: torch.Tensor, w: FFNWeights, act: Callable, on_activations: Callable | None = None
+) -> torch.Tensor:
+    """x: [T, d] -> [T, d]. `on_activations(h)`, h: [T, n], may record or change the neurons'
+    outputs before the down projection (calibration's masks, the engine's padding rows)."""
     h = F.linear(x, w.up, w.up_bias)
     h = act(F.linear(x, w.gate, w.gate_bias)) * h if w.gate is not None else act(h)
+    if on_activations is not None:
+        h = on_activations(h)
     out = h @ w.down
     return out + w.down_bias if w.down_bias is not None else out
 
