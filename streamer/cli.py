@@ -661,6 +661,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ModelFormatError(f"{args.model} has no tokenizer (tokenizer.json)")
     tokens = spec.build().encode(args.text.read_text())[: args.max_tokens]
     engine, _ = _open_engine(args, args.context)
+    if engine.flash_ffn is not None and hasattr(engine.flash_ffn, "dense_prefill"):
+        engine.flash_ffn.dense_prefill = False  # score every token through the window
     t0 = time.perf_counter()
     with engine:
         ppl, n = perplexity(engine, tokens, args.context)

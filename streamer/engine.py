@@ -42,7 +42,7 @@ from streamer.window import WindowCache
 MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
 WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
-ROW_BUCKET = 64  # row counts are rounded up to this (see FlashFFN._rows_forward)
+ROW_BUCKET = 64  # row counts are rounded up to this (see _rows_forward)
 VECTOR_BATCH = 256  # the window mode's vector reads in flight at once
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -283,9 +283,12 @@ class FlashFFN:
             return
         capacity = n if capacity is None else capacity
         self.caches = [WindowCache(n, capacity, lay.stride, window) for _ in range(cfg.n_layers)]
-        # One scratch area, shared by the layers (they run one after another), for the neurons
-        # a token needs beyond its layer's capacity.
-        self.scratch = aligned_buffer((n - min(capacity, n)) * lay.stride).view(-1, lay.stride)
+        # One whole layer's rows, shared by the layers (they run one after another): a prompt's
+        # layer read whole, and a token's neurons beyond its layer's capacity (the first rows).
+        self.scratch = aligned_buffer(n * lay.stride).view(n, lay.stride)
+        self.dense_prefill = True  # eval turns it off to score every token through the window
+        self.fresh = [True] * cfg.n_layers
+        self.activity = predictors.activity if predictors is not None else [0.0] * cfg.n_layers
         self.part_bytes = cfg.d_model * lay.dtype.itemsize
         if mode == "window":
             span = vector_span(self.part_bytes)
@@ -294,9 +297,6 @@ class FlashFFN:
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
             # DRAM, outside the budget. Oracle mode is for testing and analysis.
             self.oracle = [model.ffn(i) for i in range(cfg.n_layers)]
-            self.activity = (
-                predictors.activity if predictors is not None else [0.0] * len(self.oracle)
-            )
         elif predictors is None:
             raise ModelFormatError(f"mode {mode!r} needs predictors: run `streamer calibrate`")
 
@@ -304,13 +304,39 @@ class FlashFFN:
         """A new sequence: the window starts empty."""
         for c in getattr(self, "caches", []):
             c.reset()
+        self.fresh = [True] * self.cfg.n_layers
 
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         # x: [T, d] -> [T, d]
         if self.mode in ("naive", "hybrid"):
             return self._whole_layer(x, layer)
-        # The window advances token by token, so a prompt is taken one row at a time.
+        if self.fresh[layer] and self.dense_prefill:
+            self.fresh[layer] = False
+            return self._prefill(x, layer)
+        # The window advances token by token, so a chunk is taken one row at a time.
         return torch.cat([self._sparse(x[t : t + 1], layer) for t in range(x.shape[0])])
+
+    def _prefill(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """A sequence's first call (the prompt): no predictor. The whole layer is read in large
+        sequential reads and applied densely, and the window is filled, without more reads,
+        from the true active sets of the last `window` prompt tokens."""
+        stats, read, cache = LayerStats(layer), ReadStats(), self.caches[layer]
+        offset = self.layout.layer_offsets[layer]
+        self.reader.read(self.reader.chunked(offset, self.scratch.view(-1)), read)
+        out, sets = prefill_ffn(
+            x.to(self.layout.dtype),
+            self._layer_weights(layer, self.scratch),
+            self.act,
+            self.activity[layer],
+            cache.window,
+        )
+        t0 = time.perf_counter()
+        cache.fill(sets, self.scratch)
+        stats.mem_ms = (time.perf_counter() - t0) * 1e3
+        stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
+        stats.loaded, stats.cached = self.cfg.d_ffn, cache.count
+        self.telemetry.layers.append(stats)
+        return out.to(self.dtype)
 
     def _layer_weights(self, layer: int, records: torch.Tensor) -> FFNWeights:
         """A whole layer's records as FFN matrices (views), with its resident biases."""
@@ -344,19 +370,7 @@ class FlashFFN:
         return torch.nonzero(h[0].abs() > self.activity[layer]).flatten().numpy()
 
     def _bundle_requests(self, layer: int, ids: np.ndarray, rows: torch.Tensor):
-        """One read per run of adjacent neurons (bundles are adjacent on flash and in `rows`)."""
-        lay, reqs = self.layout, []
-        if len(ids) == 0:
-            return reqs
-        max_rows = max(self.reader.max_read // lay.stride, 1)
-        view = memoryview(rows.numpy()).cast("B")
-        for first, length in merge_runs(ids):
-            for j in range(first, first + length, max_rows):
-                k = min(max_rows, first + length - j)
-                reqs.append(
-                    (lay.offset(layer, int(ids[j])), view[j * lay.stride : (j + k) * lay.stride])
-                )
-        return reqs
+        return bundle_reads(self.layout, layer, ids, rows, self.reader.max_read)
 
     def _read_vectors(
         self, layer: int, ids: np.ndarray, rows: torch.Tensor, read: ReadStats
@@ -409,43 +423,94 @@ class FlashFFN:
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
         self.telemetry.layers.append(stats)
         # Compute on the used rows directly: every cached neuron, plus this token's overflow.
-        out = self._rows_forward(x, layer, cache.rows, cache.cached)
-        if len(plan.overflow):
-            out = out + self._rows_forward(x, layer, self.scratch, plan.overflow)
-        b = self.biases[layer]["down_bias"]
-        return (out if b is None else out + b).to(self.dtype)
+        return sparse_ffn(
+            x,
+            self.layout,
+            self.biases[layer],
+            self.act,
+            (cache.rows, cache.cached),
+            (self.scratch, plan.overflow),
+        ).to(self.dtype)
 
-    def _rows_forward(
-        self, x: torch.Tensor, layer: int, rows: torch.Tensor, ids: np.ndarray
-    ) -> torch.Tensor:
-        """The FFN over the neurons in rows[:len(ids)], without the down bias: x [1, d] -> [1, d].
 
-        The row count is rounded up to a multiple of ROW_BUCKET (the extra rows masked out):
-        oneDNN keeps a primitive per matrix shape for 16-bit matmuls, and a new count every
-        token would grow the process by hundreds of MiB."""
-        c = len(ids)
-        if c == 0:
-            return torch.zeros_like(x)
-        n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
-        parts = self.layout.unpack(rows[:n])
-        up_b, gate_b = self.biases[layer]["up_bias"], self.biases[layer]["gate_bias"]
-        if up_b is not None:  # each row's own bias; the padding rows take neuron 0's
-            idx = torch.zeros(n, dtype=torch.long)
-            idx[:c] = torch.from_numpy(ids)
-            up_b, gate_b = up_b[idx], None if gate_b is None else gate_b[idx]
-        w = FFNWeights(
-            up=parts["up"],
-            down=parts["down"],
-            gate=parts.get("gate"),
-            up_bias=up_b,
-            gate_bias=gate_b,
-        )
+def bundle_reads(
+    layout, layer: int, ids: np.ndarray, dest: torch.Tensor, max_read: int, rows=None
+) -> list[tuple[int, memoryview]]:
+    """Reads of neurons `ids` (sorted) of `layer` into dest[rows[i]] (default dest[i]): one
+    read per run of neurons adjacent both on flash and in `dest`, split at max_read bytes."""
+    reqs: list[tuple[int, memoryview]] = []
+    if len(ids) == 0:
+        return reqs
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
+    stride, max_rows = layout.stride, max(max_read // layout.stride, 1)
+    view = memoryview(dest.numpy()).cast("B")
+    for first, length in merge_runs(ids, rows):
+        for j in range(first, first + length, max_rows):
+            k, r = min(max_rows, first + length - j), int(rows[j])
+            reqs.append((layout.offset(layer, int(ids[j])), view[r * stride : (r + k) * stride]))
+    return reqs
 
-        def drop_padding(h: torch.Tensor) -> torch.Tensor:
-            h[:, c:] = 0
-            return h
 
-        return ffn_forward(x, w, self.act, drop_padding)
+def prefill_ffn(
+    x: torch.Tensor, w: FFNWeights, act, threshold: float, k: int
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """A whole layer's FFN over a prompt, x: [T, d] -> [T, d], and the true active set
+    (|activation| > threshold) of each of its last k tokens, oldest first."""
+    kept: list[torch.Tensor] = []
+
+    def record(h: torch.Tensor) -> torch.Tensor:  # h: [T, n]
+        kept.append(h[-k:].abs() > threshold)
+        return h
+
+    out = ffn_forward(x, w, act, record)
+    return out, [torch.nonzero(row).flatten().numpy() for row in kept[0]]
+
+
+def sparse_ffn(x: torch.Tensor, layout, biases: dict, act, *parts) -> torch.Tensor:
+    """One token's FFN over the neurons whose rows are given, x: [1, d] -> [1, d]. Each part
+    is (rows, ids): rows[:len(ids)] hold the bundles of neurons `ids` (the window's rows, the
+    overflow's). The single-process engine and the pipeline's compute stage both call this,
+    so that they compute the same numbers."""
+    out = None
+    for rows, ids in parts:
+        if len(ids) or out is None:
+            y = _rows_forward(x, layout, biases, act, rows, ids)
+            out = y if out is None else out + y
+    b = biases["down_bias"]
+    return out if b is None else out + b
+
+
+def _rows_forward(
+    x: torch.Tensor, layout, biases: dict, act, rows: torch.Tensor, ids: np.ndarray
+) -> torch.Tensor:
+    """The FFN over the neurons in rows[:len(ids)], without the down bias: x [1, d] -> [1, d].
+
+    The row count is rounded up to a multiple of ROW_BUCKET (the extra rows masked out):
+    oneDNN keeps a primitive per matrix shape for 16-bit matmuls, and a new count every
+    token would grow the process by hundreds of MiB."""
+    c = len(ids)
+    if c == 0:
+        return torch.zeros_like(x)
+    n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
+    parts = layout.unpack(rows[:n])
+    up_b, gate_b = biases["up_bias"], biases["gate_bias"]
+    if up_b is not None:  # each row's own bias; the padding rows take neuron 0's
+        idx = torch.zeros(n, dtype=torch.long)
+        idx[:c] = torch.from_numpy(ids)
+        up_b, gate_b = up_b[idx], None if gate_b is None else gate_b[idx]
+    w = FFNWeights(
+        up=parts["up"],
+        down=parts["down"],
+        gate=parts.get("gate"),
+        up_bias=up_b,
+        gate_bias=gate_b,
+    )
+
+    def drop_padding(h: torch.Tensor) -> torch.Tensor:
+        h[:, c:] = 0
+        return h
+
+    return ffn_forward(x, w, act, drop_padding)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -663,15 +728,15 @@ def _cache_rows(budget: int | None, fixed: int, cfg, stride: int, mode: str) -> 
     """Rows per layer's window cache, and the shared overflow scratch, within the budget."""
     n, layers = cfg.d_ffn, cfg.n_layers
     if budget is None:
-        return n, 0
+        return n, n * stride
     avail = (budget - fixed) // stride  # rows that fit
-    # layers * c rows of caches + (n - c) rows of shared scratch must fit in avail.
-    c = min(n, (avail - n) // (layers - 1)) if layers > 1 else min(n, avail)
-    if c < 1 or avail < n:
+    # layers * c rows of caches + n rows of shared scratch (a prompt's whole layer) must fit.
+    c = min(n, (avail - n) // layers)
+    if c < 1:
         need = fixed + (n + layers) * stride
         raise ConfigError(
             f"--dram-budget {budget} B is too small for mode {mode}: the resident "
             f"part, predictors and KV cache take {fixed / 2**20:.1f} MiB and at "
             f"least {need / 2**20:.1f} MiB are needed"
         )
-    return c, (n - c) * stride
+    return c, n * stride

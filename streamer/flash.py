@@ -33,11 +33,15 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
     return torch.from_numpy(arr)  # keeps `mm` alive through the numpy base
 
 
-def merge_runs(ids: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted neuron ids -> (first index, length) of each run of consecutive ids."""
+def merge_runs(ids: np.ndarray, rows: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Sorted neuron ids -> (first index, length) of each run of consecutive ids (and, if
+    given, consecutive destination rows)."""
     if len(ids) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    step = np.diff(ids) != 1
+    if rows is not None:
+        step |= np.diff(rows) != 1
+    breaks = np.flatnonzero(step) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(ids)]))
     return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))

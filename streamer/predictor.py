@@ -130,6 +130,12 @@ def recall_precision(
     return tp / max(y.sum().item(), 1), tp / max(pred.sum().item(), 1), mass_recall
 
 
+def _predict(p: LowRankPredictor, threshold: float, x: torch.Tensor) -> np.ndarray:
+    logits = p(x.to(p.up.weight.dtype))[0].float()
+    cut = math.log(threshold / (1 - threshold))
+    return torch.nonzero(logits > cut).flatten().numpy()
+
+
 @dataclass
 class Predictors:
     """Per layer: the predictor, its threshold, the activity threshold that defines "active",
@@ -149,15 +155,20 @@ class Predictors:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.layers for t in p.parameters())
+        preds = [*self.layers, *[q for q in self.lookahead if q is not None]]
+        return sum(t.numel() * t.element_size() for p in preds for t in p.parameters())
 
     @torch.inference_mode()
     def predict(self, layer: int, x: torch.Tensor) -> np.ndarray:
         """x: [1, d] (the FFN input) -> sorted ids of the neurons predicted active."""
-        p = self.layers[layer]
-        logits = p(x.to(p.up.weight.dtype))[0].float()
-        cut = math.log(self.thresholds[layer] / (1 - self.thresholds[layer]))
-        return torch.nonzero(logits > cut).flatten().numpy()
+        return _predict(self.layers[layer], self.thresholds[layer], x)
+
+    @torch.inference_mode()
+    def predict_next(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
+        """Layer `layer`'s FFN input -> the neurons of layer + 1 likely active (None: no
+        look-ahead predictor for this layer)."""
+        p = self.lookahead[layer] if layer < len(self.lookahead) else None
+        return None if p is None else _predict(p, self.lookahead_thresholds[layer], x)
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file

@@ -33,14 +33,28 @@ class Plan:
 
 
 class WindowCache:
-    def __init__(self, n_neurons: int, capacity: int, row_bytes: int, window: int) -> None:
+    """`rows` may be given (the pipeline's shared memory, [capacity, row_bytes]); `ids` too, so
+    that another process can read which neuron each row holds."""
+
+    def __init__(
+        self,
+        n_neurons: int,
+        capacity: int,
+        row_bytes: int,
+        window: int,
+        rows: torch.Tensor | None = None,
+        ids: np.ndarray | None = None,
+    ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 token, got {window}")
         self.n_neurons = n_neurons
         self.capacity = min(capacity, n_neurons)
         self.window = window
-        self.rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
-        self.ids = np.full(self.capacity, -1, dtype=np.int64)  # neuron id of each row
+        if rows is None:
+            rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
+        self.rows = rows
+        self.ids = np.empty(self.capacity, dtype=np.int64) if ids is None else ids
+        self.ids[:] = -1  # neuron id of each row
         self.row_of = np.full(n_neurons, -1, dtype=np.int64)  # row of each neuron, -1 if absent
         self.last_active = np.full(n_neurons, NEVER, dtype=np.int64)
         self.count = 0
@@ -50,7 +64,7 @@ class WindowCache:
     def cached(self) -> np.ndarray:
         return self.ids[: self.count]
 
-    def _delete(self, neurons: np.ndarray) -> None:
+    def _delete(self, neurons: np.ndarray, move_rows: bool = True) -> None:
         """Swap-delete: the last rows move into the holes the deleted neurons leave."""
         if len(neurons) == 0:
             return
@@ -61,8 +75,8 @@ class WindowCache:
         fill = holes[holes < new_count]  # holes inside the kept range
         tail = np.flatnonzero(~is_hole[new_count:]) + new_count  # kept rows beyond it
         if len(fill):
-            fill_t, tail_t = torch.from_numpy(fill), torch.from_numpy(tail)
-            self.rows[fill_t] = self.rows[tail_t]
+            if move_rows:
+                self.rows[torch.from_numpy(fill)] = self.rows[torch.from_numpy(tail)]
             moved = self.ids[tail]
             self.ids[fill] = moved
             self.row_of[moved] = fill
@@ -70,8 +84,9 @@ class WindowCache:
         self.ids[new_count : self.count] = -1
         self.count = new_count
 
-    def step(self, active: np.ndarray) -> Plan:
-        """Advance one token whose active neurons are `active` (unique ids); what to read."""
+    def step(self, active: np.ndarray, move_rows: bool = True) -> Plan:
+        """Advance one token whose active neurons are `active` (unique ids); what to read.
+        move_rows=False keeps the books only (rows are written wholesale after, see `fill`)."""
         self.t += 1
         active = np.asarray(active, dtype=np.int64)
         if len(active) > 1 and not (np.diff(active) > 0).all():
@@ -79,7 +94,7 @@ class WindowCache:
         self.last_active[active] = self.t
         cached = self.cached
         expired = cached[self.last_active[cached] <= self.t - self.window]
-        self._delete(expired)
+        self._delete(expired, move_rows)
         missing = active[self.row_of[active] < 0]
         hits = len(active) - len(missing)
         evicted = len(expired)
@@ -89,7 +104,7 @@ class WindowCache:
             cached = self.cached
             old = cached[self.last_active[cached] < self.t]
             victims = old[np.argsort(self.last_active[old], kind="stable")[:excess]]
-            self._delete(victims)
+            self._delete(victims, move_rows)
             evicted += len(victims)
         room = self.capacity - self.count
         load, overflow = missing[:room], missing[room:]
@@ -100,9 +115,19 @@ class WindowCache:
         self.count += len(load)
         return Plan(load, start, overflow, hits, evicted)
 
+    def fill(self, active_sets: list[np.ndarray], layer_rows: torch.Tensor | None) -> None:
+        """After a prompt: step through its last tokens' active sets, then copy every kept
+        neuron's row from `layer_rows` (the whole layer, as prefill read it) in one gather.
+        layer_rows=None: the books only (the pipeline's predictor; compute writes the rows)."""
+        for active in active_sets:
+            self.step(active, move_rows=False)
+        if layer_rows is not None and self.count:
+            self.rows[: self.count] = layer_rows[torch.from_numpy(self.cached)]
+
     def reset(self) -> None:
         """Forget every neuron (a new sequence, or the predictor-only mode's per-token reload)."""
         self.row_of[self.cached] = -1
         self.ids[: self.count] = -1
         self.count = 0
         self.last_active[:] = NEVER
+        self.t = -1
