@@ -38,6 +38,7 @@ class Limits:
     d_model: int = 1 << 16
     n_neurons: int = 1 << 20
     row_bytes: int = 1 << 20
+    n_rows: int = 1 << 26  # rows of the pipeline's shared memory
 
 
 def _need(ok: bool, message: str) -> None:
@@ -85,6 +86,16 @@ class Heartbeat(Message):
     stage: str
     seq: int
     sent_at: float
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """A stage -> the launcher: loaded and serving (the READY handshake)."""
+
+    KIND: ClassVar[str] = "ready"
+    stage: str
+    pid: int
+    generation: int = 0  # how many times the launcher has started this stage before
 
 
 @dataclass(frozen=True)
@@ -202,11 +213,118 @@ def _check_ids(kind: str, name: str, ids: np.ndarray, limits: Limits) -> None:
 
 
 def _check_rows(msg: Any, limits: Limits) -> None:
-    """Fetch and RowsReady: a layer, and neuron ids paired with cache rows."""
+    """Fetch and RowsReady: a layer, and neuron ids paired with shared-memory rows."""
     _check_layer(msg.KIND, msg.layer, limits)
     _need(msg.neurons.shape == msg.rows.shape, f"{msg.KIND}.neurons and .rows differ in length")
     _check_ids(msg.KIND, "neurons", msg.neurons, limits)
-    _check_ids(msg.KIND, "rows", msg.rows, limits)
+    _need(
+        len(msg.rows) == 0 or (int(msg.rows.min()) >= 0 and int(msg.rows.max()) < limits.n_rows),
+        f"{msg.KIND}.rows must lie in [0, {limits.n_rows})",
+    )
+    _need(0 <= msg.cached <= limits.n_neurons, f"{msg.KIND}.cached out of range")
+
+
+@dataclass(frozen=True)
+class Forward(Message):
+    """Front end -> compute: run these tokens (a prompt, or one decoded token) of a sequence.
+    `reset` starts the sequence: a new KV cache of `max_len` tokens and empty windows."""
+
+    KIND: ClassVar[str] = "forward"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {"tokens": (("int32", "int64"), 1)}
+    request_id: str
+    step: int
+    tokens: np.ndarray
+    reset: bool = False
+    max_len: int = 0
+
+    def check(self, limits: Limits) -> None:
+        _need(0 < len(self.request_id) <= 128, "forward.request_id must be 1 to 128 characters")
+        _need(0 < len(self.tokens) <= limits.max_tokens, "forward.tokens: 1 to max_tokens ids")
+        _need(
+            int(self.tokens.min()) >= 0 and int(self.tokens.max()) < limits.vocab_size,
+            f"forward.tokens must lie in [0, {limits.vocab_size})",
+        )
+        _need(0 <= self.max_len <= limits.max_tokens, "forward.max_len out of range")
+
+
+@dataclass(frozen=True)
+class Logits(Message):
+    """Compute -> front end: the last position's logits of a Forward, and its telemetry."""
+
+    KIND: ClassVar[str] = "logits"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {"logits": (("float32",), 1)}
+    request_id: str
+    step: int
+    logits: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, limits: Limits) -> None:
+        _need(len(self.logits) <= limits.vocab_size, "logits.logits longer than the vocabulary")
+
+
+@dataclass(frozen=True)
+class Reset(Message):
+    """Compute -> predictor: a new sequence; empty windows, messages of others are stale."""
+
+    KIND: ClassVar[str] = "reset"
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Fill(Message):
+    """Compute -> predictor after a prompt's layer: the true active sets of its last tokens
+    (concatenated; `sizes` their lengths, oldest first), to fill that layer's window with."""
+
+    KIND: ClassVar[str] = "fill"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
+        "neurons": (("int32", "int64"), 1),
+        "sizes": (("int32", "int64"), 1),
+    }
+    request_id: str
+    layer: int
+    neurons: np.ndarray
+    sizes: np.ndarray
+
+    def check(self, limits: Limits) -> None:
+        _check_layer(self.KIND, self.layer, limits)
+        _check_ids(self.KIND, "neurons", self.neurons, limits)
+        _need(
+            len(self.sizes) <= 64
+            and int(self.sizes.sum()) == len(self.neurons)
+            and (len(self.sizes) == 0 or int(self.sizes.min()) >= 0),
+            "fill.sizes must be at most 64 non-negative lengths adding up to len(neurons)",
+        )
+
+
+@dataclass(frozen=True)
+class LoadLayer(Message):
+    """Compute -> prefetch during a prompt: read a layer's whole FFN into staging slot `slot`."""
+
+    KIND: ClassVar[str] = "load_layer"
+    request_id: str
+    layer: int
+    slot: int
+
+    def check(self, limits: Limits) -> None:
+        _check_layer(self.KIND, self.layer, limits)
+        _need(self.slot in (0, 1), "load_layer.slot must be 0 or 1")
+
+
+@dataclass(frozen=True)
+class LayerReady(Message):
+    """Prefetch -> compute: a LoadLayer is done."""
+
+    KIND: ClassVar[str] = "layer_ready"
+    request_id: str
+    layer: int
+    slot: int
+    bytes_read: int = 0
+    reads: int = 0
+    io_ms: float = 0.0
+
+    def check(self, limits: Limits) -> None:
+        _check_layer(self.KIND, self.layer, limits)
+        _need(self.slot in (0, 1), "layer_ready.slot must be 0 or 1")
 
 
 @dataclass(frozen=True)
@@ -240,6 +358,8 @@ class Fetch(Message):
     neurons: np.ndarray
     rows: np.ndarray
     lookahead: bool = False
+    cached: int = 0  # the layer window's row count after this step
+    stats: dict[str, Any] = field(default_factory=dict)  # the predictor's, passed on
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
@@ -262,6 +382,8 @@ class RowsReady(Message):
     bytes_read: int = 0
     reads: int = 0
     io_ms: float = 0.0
+    cached: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # the predictor's and prefetch's
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
@@ -295,6 +417,7 @@ MESSAGES: dict[str, type[Message]] = {
         Hello,
         Welcome,
         Heartbeat,
+        Ready,
         Dead,
         Generate,
         Cancel,
@@ -305,6 +428,12 @@ MESSAGES: dict[str, type[Message]] = {
         Fetch,
         RowsReady,
         Rows,
+        Forward,
+        Logits,
+        Reset,
+        Fill,
+        LoadLayer,
+        LayerReady,
     )
 }
 
