@@ -287,7 +287,16 @@ class Fill(Message):
 
     def check(self, limits: Limits) -> None:
         _check_layer(self.KIND, self.layer, limits)
-        _check_ids(self.KIND, "neurons", self.neurons, limits)
+        _need(len(self.sizes) <= 64, "fill.sizes has more than 64 entries")
+        _need(
+            len(self.neurons) <= len(self.sizes) * limits.n_neurons,
+            "fill.neurons is longer than its sets can be",
+        )
+        if len(self.neurons):
+            _need(
+                int(self.neurons.min()) >= 0 and int(self.neurons.max()) < limits.n_neurons,
+                f"fill.neurons must lie in [0, {limits.n_neurons})",
+            )
         _need(
             len(self.sizes) <= 64
             and int(self.sizes.sum()) == len(self.neurons)

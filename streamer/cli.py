@@ -547,18 +547,12 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_endpoint() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    directory = Path(base) / "streamer" if base else Path(f"/tmp/streamer-{os.getuid()}")
-    return f"ipc://{directory}/front.sock"
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     import anyio
 
-    from streamer.server import Server, ServerSettings
+    from streamer.server import Server, ServerSettings, default_endpoint, eos_ids
     from streamer.sources import open_source
 
     _set_threads(args.threads)
@@ -569,16 +563,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ModelFormatError(f"{args.model} has no tokenizer (tokenizer.json)")
     tokenizer = spec.build()
     engine, source = _open_engine(args, args.context)
-    eos = set(source.config.eos_token_ids)
-    if (eos_id := tokenizer.token_id(spec.eos_token)) is not None:
-        eos.add(eos_id)
     settings = ServerSettings(
-        args.endpoint or _default_endpoint(),
+        args.endpoint or default_endpoint(),
         _security(args),
         model_name=source.description,
         context=args.context,
     )
-    server = Server(engine, tokenizer, tuple(sorted(eos)), settings)
+    server = Server(engine, tokenizer, eos_ids(spec, tokenizer, source.config), settings)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:

@@ -234,6 +234,10 @@ class Telemetry:
             "evicted",
             "overflow",
         )
+        # The pipeline's steps say too how long compute waited for I/O, the predictor's time,
+        # and how many rows came from look-ahead reads.
+        extra = ("wait_ms", "predict_ms", "copied")
+        keys += tuple(k for k in extra if self.steps and all(k in s for s in self.steps))
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
         decode = [s for s in self.steps if s["tokens"] == 1]
         if decode:

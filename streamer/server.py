@@ -7,8 +7,9 @@ at a time, in order, token by token on a worker thread, so the event loop keeps 
 `error` reply naming the problem, and the server keeps serving. Each token goes back as a `token`
 message, the end as `done` with the same summary as `streamer generate --json`.
 
-This front end runs the single-process engine (`streamer.engine`) in its own process: the
-stages-as-tasks embedding. The pipeline of separate stage processes is still to come.
+The engine is either the single-process engine (`streamer.engine`, `streamer serve MODEL`) or
+the pipeline's compute stage behind `streamer.pipeline.RemoteEngine` (`streamer serve --config`):
+clients see the same protocol.
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ from protocol.sockets import Security, make_socket, start_authenticator
 from streamer.errors import ConfigError, StreamerError
 from streamer.generate import Generation, SamplingParams
 from streamer.tokenizer import Tokenizer
+
+
+def default_endpoint() -> str:
+    """ipc://$XDG_RUNTIME_DIR/streamer/front.sock, else under /tmp/streamer-UID."""
+    import os
+
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    directory = Path(base) / "streamer" if base else Path(f"/tmp/streamer-{os.getuid()}")
+    return f"ipc://{directory}/front.sock"
+
+
+def eos_ids(spec, tokenizer: Tokenizer, cfg) -> tuple[int, ...]:
+    """The ids that end a reply: the model config's and the tokenizer's end-of-sequence."""
+    eos = set(cfg.eos_token_ids)
+    if (eos_id := tokenizer.token_id(spec.eos_token)) is not None:
+        eos.add(eos_id)
+    return tuple(sorted(eos))
 
 
 @dataclass

@@ -1,0 +1,299 @@
+"""The compute stage: resident weights, the KV cache, and the FFN over the window's shared rows.
+
+The front end sends `forward` (a prompt, or one decoded token); compute answers `logits` with the
+step's telemetry. The model runs on a worker thread, with its own synchronous sockets to the
+predictor and prefetch, so that the event loop keeps receiving (and heartbeating) meanwhile.
+
+- A prompt (the first forward of a sequence) does not use the predictor: compute asks prefetch
+  for whole layers (`load_layer`), one ahead unless serial, applies each densely, copies the
+  neurons of its last `window` tokens' true active sets from the staged layer into the layer's
+  window rows, and tells the predictor those sets (`fill`) so that its books agree.
+- A decoded token: each layer's FFN input goes to the predictor (`ffn_input`) as soon as it
+  exists; compute waits only for that layer's `rows_ready`, then computes on the window's rows
+  (and the overflow rows) with the very function the single-process engine uses.
+
+The launcher pushes `dead` into the inbox when another stage dies: the running forward stops
+waiting and fails, and so does every later step of that sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+import zmq
+
+from protocol.codec import decode, encode
+from protocol.messages import (
+    Dead,
+    Error,
+    FFNInput,
+    Fill,
+    Forward,
+    LayerReady,
+    LoadLayer,
+    Logits,
+    ProtocolError,
+    Reset,
+    RowsReady,
+)
+from streamer.engine import load_resident, prefill_ffn, sparse_ffn
+from streamer.errors import StreamerError
+from streamer.layout import ConvertedModel, parse_dtype
+from streamer.model import ACTIVATION_FNS, FFNWeights, Transformer
+from streamer.predictor import META_FILE
+from streamer.shared import SharedRows
+from streamer.window import WindowCache
+from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+
+WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health catches it first)
+STEP_KEYS = (
+    "bytes_read",
+    "reads",
+    "io_ms",
+    "wait_ms",
+    "predict_ms",
+    "mem_ms",
+    "predicted",
+    "hits",
+    "loaded",
+    "evicted",
+    "overflow",
+    "cached",
+    "copied",
+)
+
+
+class StageFailed(StreamerError):
+    """Another stage died or stopped answering while this sequence needed it."""
+
+
+class PipelineFFN:
+    """The model's `ffn(x, layer)` for the compute stage (runs on the model thread)."""
+
+    def __init__(self, spec: StageSpec, model: ConvertedModel, dtype: torch.dtype) -> None:
+        cfg, lay = model.config, model.layout
+        self.spec, self.cfg, self.layout, self.dtype = spec, cfg, lay, dtype
+        self.act = ACTIVATION_FNS[cfg.activation]
+        self.shm = SharedRows(spec.shm_path, spec.layout)
+        meta = json.loads((model.directory / META_FILE).read_text())
+        self.activity: list[float] = meta["activity"]
+        res = load_resident(model, lay.dtype, [n for n in model.resident_names() if ".ffn." in n])
+        self.biases = [
+            {k: res.get(f"layers.{i}.ffn.{k}") for k in ("up_bias", "gate_bias", "down_bias")}
+            for i in range(cfg.n_layers)
+        ]
+        self.ctx = zmq.Context()
+        self.predictor = self._socket(zmq.PUSH, "predictor", False)
+        self.prefetch = self._socket(zmq.PUSH, "prefetch", False)
+        self.inbox = self._socket(zmq.PULL, "rows", True)
+        self.request_id, self.step, self.prefill = "", 0, False
+        self.aborted: dict[str, str] = {}  # request_id -> why
+        self.stats: dict[str, float] = {}
+
+    def _socket(self, kind: int, name: str, bind: bool):
+        from protocol.sockets import make_socket
+
+        return make_socket(
+            self.ctx, kind, self.spec.endpoints[name], bind, self.spec.security, hwm=100_000
+        )
+
+    def close(self) -> None:
+        for s in (self.predictor, self.prefetch, self.inbox):
+            s.close(linger=0)
+        self.ctx.term()
+
+    def _send(self, sock, msg) -> None:
+        sock.send_multipart(encode(msg), copy=False)
+
+    def begin(self, request_id: str, step: int, reset: bool) -> None:
+        self.request_id, self.step = request_id, step
+        self.stats = dict.fromkeys(STEP_KEYS, 0)
+        if reset:
+            self.prefill = True
+            self._send(self.predictor, Reset(request_id))
+
+    def _wait(self, kind: type, layer: int):
+        """The reply of `kind` for this step and layer; stale replies are dropped."""
+        t0 = time.perf_counter()
+        while True:
+            why = self.aborted.get(self.request_id)
+            if why:
+                raise StageFailed(why)
+            if self.inbox.poll(20):
+                msg = decode(
+                    self.inbox.recv_multipart(copy=False),
+                    self.spec.limits,
+                    accept=("rows_ready", "layer_ready"),
+                )
+                if (
+                    isinstance(msg, kind)
+                    and msg.request_id == self.request_id
+                    and msg.layer == layer
+                    and (kind is LayerReady or msg.step == self.step)
+                ):
+                    self.stats["wait_ms"] += (time.perf_counter() - t0) * 1e3
+                    return msg
+            elif time.perf_counter() - t0 > WAIT_LIMIT_S:
+                raise StageFailed(f"no {kind.KIND} for layer {layer} in {WAIT_LIMIT_S:.0f} s")
+
+    def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        # x: [T, d] -> [T, d]
+        x = x.to(self.layout.dtype)
+        if self.prefill:
+            out = self._prefill(x, layer)
+            if layer == self.cfg.n_layers - 1:
+                self.prefill = False
+            return out.to(self.dtype)
+        if x.shape[0] != 1:
+            raise StreamerError("after the prompt, a forward takes one token at a time")
+        wire = x.float() if x.dtype == torch.bfloat16 else x
+        self._send(self.predictor, FFNInput(self.request_id, self.step, layer, wire.numpy()))
+        msg: RowsReady = self._wait(RowsReady, layer)
+        s, ps = self.stats, msg.stats
+        s["bytes_read"] += msg.bytes_read
+        s["reads"] += msg.reads
+        s["io_ms"] += msg.io_ms
+        for k in ("predict_ms", "mem_ms", "predicted", "hits", "loaded", "evicted", "overflow"):
+            s[k] += ps.get(k, 0)
+        s["copied"] += ps.get("copied", 0)
+        s["cached"] += msg.cached
+        ids = self.shm.ids[layer, : msg.cached].copy()
+        overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.layout.scratch_base]
+        out = sparse_ffn(
+            x,
+            self.layout,
+            self.biases[layer],
+            self.act,
+            (self.shm.cache(layer), ids),
+            (self.shm.scratch, overflow),
+        )
+        return out.to(self.dtype)
+
+    def _load(self, layer: int) -> None:
+        self._send(self.prefetch, LoadLayer(self.request_id, layer, layer % 2))
+
+    def _prefill(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        n_layers, serial = self.cfg.n_layers, self.spec.serial
+        if layer == 0 or serial:
+            self._load(layer)
+            if layer == 0 and not serial and n_layers > 1:
+                self._load(1)
+        msg: LayerReady = self._wait(LayerReady, layer)
+        self.stats["bytes_read"] += msg.bytes_read
+        self.stats["reads"] += msg.reads
+        self.stats["io_ms"] += msg.io_ms
+        staged = self.shm.stage(layer % 2)
+        parts, b = self.layout.unpack(staged), self.biases[layer]
+        w = FFNWeights(parts["up"], parts["down"], parts.get("gate"), **b)
+        out, sets = prefill_ffn(x, w, self.act, self.activity[layer], self.spec.window)
+        t0 = time.perf_counter()
+        lay = self.spec.layout
+        books = WindowCache(
+            lay.n_neurons,
+            lay.capacity,
+            lay.stride,
+            self.spec.window,
+            self.shm.cache(layer),
+            np.empty(lay.capacity, dtype=np.int64),
+        )
+        books.fill(sets, staged)  # the same steps as the predictor's books: the same rows
+        self.stats["mem_ms"] += (time.perf_counter() - t0) * 1e3
+        self.stats["cached"] += books.count
+        sizes = np.array([len(s) for s in sets], dtype=np.int64)
+        neurons = np.concatenate(sets).astype(np.int64) if sets else np.zeros(0, np.int64)
+        self._send(self.predictor, Fill(self.request_id, layer, neurons, sizes))
+        if not serial and layer + 2 < n_layers:
+            self._load(layer + 2)  # the slot this layer used is free again
+        return out
+
+
+class ComputeStage:
+    def __init__(self, spec: StageSpec) -> None:
+        model = ConvertedModel(spec.model_dir)
+        self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.layout.dtype
+        self.ffn = PipelineFFN(spec, model, self.dtype)
+        resident = load_resident(model, self.dtype)
+        self.model = Transformer(model.config, resident, self.ffn, self.dtype)
+        self.cache = None
+        self.request_id = ""
+        self.next_step = 0
+
+    def forward(self, msg: Forward) -> tuple[np.ndarray, dict[str, Any]]:
+        t0 = time.perf_counter()
+        if msg.reset:
+            self.cache = self.model.new_cache(max(msg.max_len, len(msg.tokens)))
+            self.request_id, self.next_step = msg.request_id, 0
+        elif msg.request_id != self.request_id or self.cache is None:
+            raise StreamerError(
+                f"sequence {msg.request_id!r} is not the one in progress "
+                "(a stage restarted since it began); start it again"
+            )
+        if msg.step != self.next_step:
+            raise StreamerError(f"step {msg.step} out of order (expected {self.next_step})")
+        self.ffn.begin(msg.request_id, msg.step, msg.reset)
+        try:
+            logits = self.model.forward(
+                torch.from_numpy(np.asarray(msg.tokens, dtype=np.int64)), self.cache, True
+            )
+        except BaseException:
+            self.request_id, self.cache = "", None  # a half-run step leaves the cache unusable
+            raise
+        self.next_step += 1
+        stats = {k: round(v, 3) for k, v in self.ffn.stats.items()}
+        stats["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        stats["compute_ms"] = round(stats["total_ms"] - stats["wait_ms"], 3)
+        stats["tokens"] = len(msg.tokens)
+        return logits[-1].numpy(), stats
+
+
+async def serve(spec: StageSpec) -> None:
+    sc = StageContext(spec)
+    stage = None
+    try:
+        stage = ComputeStage(spec)
+        inbox = sc.socket(zmq.PULL, "compute", bind=True)
+        results = sc.socket(zmq.PUSH, "results", bind=False)
+        health = sc.socket(zmq.PUSH, "health", bind=False)
+        send_work, receive_work = anyio.create_memory_object_stream[Forward](4)
+
+        async def run_forwards() -> None:
+            async with receive_work:
+                async for msg in receive_work:
+                    try:
+                        logits, stats = await anyio.to_thread.run_sync(stage.forward, msg)
+                        reply = Logits(msg.request_id, msg.step, logits, stats)
+                    except (StreamerError, ProtocolError) as e:
+                        reply = Error(msg.request_id, "failed", str(e))
+                    await send(results, reply)
+
+        async with anyio.create_task_group() as tg, send_work:
+            tg.start_soon(heartbeats, health, spec)
+            tg.start_soon(run_forwards)
+            while True:
+                frames = await inbox.recv_multipart(copy=False)
+                try:
+                    msg = decode(frames, spec.limits, accept=("forward", "dead"))
+                except ProtocolError as e:
+                    print(f"compute: refused a message: {e}", file=sys.stderr, flush=True)
+                    await send(results, Error("", "bad_message", f"compute: {e}"))
+                    continue
+                if isinstance(msg, Dead):
+                    if stage.request_id:
+                        stage.ffn.aborted[stage.request_id] = f"the {msg.stage} stage died"
+                    continue
+                await send_work.send(msg)
+    finally:
+        if stage is not None:
+            stage.ffn.close()
+        sc.close()
+
+
+def run(spec: StageSpec) -> None:
+    """The compute process (spawn-safe)."""
+    run_stage(spec, serve)

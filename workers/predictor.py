@@ -1,0 +1,127 @@
+"""The predictor stage: which neurons each layer needs, and which of them the window lacks.
+
+Compute sends each layer's FFN input (`ffn_input`) as soon as it exists. This stage runs that
+layer's low-rank predictor, steps the layer's window books (`WindowCache` over the shared rows:
+its swap-deletes move rows in shared memory, before prefetch writes new ones), and asks prefetch
+(`fetch`) to read the missing neurons into the rows the books gave them. Then, unless the
+pipeline is serial, it runs the look-ahead predictor of the next layer and asks prefetch to read
+those of its neurons not in the window into a staging slot while compute is still busy with this
+layer: the I/O of layer l+1 overlaps the compute of layer l. After a prompt, compute sends each
+layer's true active sets (`fill`); the books take them (compute writes the rows itself).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import anyio
+import numpy as np
+import torch
+import zmq
+
+from protocol.codec import decode
+from protocol.messages import Error, Fetch, FFNInput, Fill, ProtocolError, Reset
+from streamer.layout import ConvertedModel, parse_dtype
+from streamer.predictor import Predictors
+from streamer.shared import SharedRows
+from streamer.window import WindowCache
+from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+
+
+class PredictorStage:
+    def __init__(self, spec: StageSpec) -> None:
+        model = ConvertedModel(spec.model_dir)
+        cfg, lay = model.config, model.layout
+        self.spec, self.layout, self.n_layers = spec, spec.layout, cfg.n_layers
+        self.dtype = parse_dtype(spec.dtype) if spec.dtype else lay.dtype
+        self.predictors = Predictors.load(
+            model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=not spec.serial
+        ).to(self.dtype)
+        self.shm = SharedRows(spec.shm_path, spec.layout)
+        c, n = spec.layout.capacity, cfg.d_ffn
+        self.caches = [
+            WindowCache(n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i])
+            for i in range(cfg.n_layers)
+        ]
+        self.current = ""
+
+    def handle(self, msg) -> list:
+        if isinstance(msg, Reset):
+            self.current = msg.request_id
+            for c in self.caches:
+                c.reset()
+            return []
+        if msg.request_id != self.current:
+            return []  # a sequence that has ended (or began before this stage restarted)
+        if isinstance(msg, Fill):
+            sets = np.split(np.asarray(msg.neurons, dtype=np.int64), np.cumsum(msg.sizes)[:-1])
+            self.caches[msg.layer].fill(sets, None)
+            return []
+        return self._predict(msg)
+
+    def _predict(self, msg: FFNInput) -> list:
+        t0 = time.perf_counter()
+        layer, lay = msg.layer, self.layout
+        x = torch.from_numpy(np.array(msg.x)).to(self.dtype)  # [1, d]
+        active = self.predictors.predict(layer, x)
+        t1 = time.perf_counter()
+        cache = self.caches[layer]
+        plan = cache.step(active)
+        t2 = time.perf_counter()
+        neurons = np.concatenate([plan.load, plan.overflow])
+        rows = np.concatenate(
+            [
+                lay.cache_base(layer) + plan.start + np.arange(len(plan.load)),
+                lay.scratch_base + np.arange(len(plan.overflow)),
+            ]
+        )
+        out: list = []
+        nxt = layer + 1
+        guess = None
+        if not self.spec.serial and nxt < self.n_layers:
+            guess = self.predictors.predict_next(layer, x)
+        stats = {
+            "predicted": len(active),
+            "hits": plan.hits,
+            "loaded": len(neurons),
+            "evicted": plan.evicted,
+            "overflow": len(plan.overflow),
+            "predict_ms": (t1 - t0 + time.perf_counter() - t2) * 1e3,
+            "mem_ms": (t2 - t1) * 1e3,
+        }
+        out.append(Fetch(msg.request_id, msg.step, layer, neurons, rows, False, cache.count, stats))
+        if guess is not None:
+            # Not in the next layer's window now: read into the staging slot of that layer.
+            missing = guess[self.caches[nxt].row_of[guess] < 0]
+            staged = lay.stage_base(nxt % 2) + np.arange(len(missing))
+            out.append(Fetch(msg.request_id, msg.step, nxt, missing, staged, lookahead=True))
+        return out
+
+
+async def serve(spec: StageSpec) -> None:
+    sc = StageContext(spec)
+    try:
+        stage = PredictorStage(spec)
+        inbox = sc.socket(zmq.PULL, "predictor", bind=True)
+        prefetch = sc.socket(zmq.PUSH, "prefetch", bind=False)
+        health = sc.socket(zmq.PUSH, "health", bind=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeats, health, spec)
+            while True:
+                frames = await inbox.recv_multipart(copy=False)
+                try:
+                    msg = decode(frames, spec.limits, accept=("reset", "fill", "ffn_input"))
+                except ProtocolError as e:  # no reply path on a PULL: the launcher hears it
+                    print(f"predictor: refused a message: {e}", file=sys.stderr, flush=True)
+                    await send(health, Error("", "bad_message", f"predictor: {e}"))
+                    continue
+                for out in stage.handle(msg):
+                    await send(prefetch, out)
+    finally:
+        sc.close()
+
+
+def run(spec: StageSpec) -> None:
+    """The predictor process (spawn-safe)."""
+    run_stage(spec, serve)

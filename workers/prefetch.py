@@ -1,0 +1,172 @@
+"""The flash-prefetch stage: requests in, many concurrent O_DIRECT reads straight into shared rows.
+
+Three kinds of request arrive on one socket. `fetch` from the predictor: read these neurons'
+bundles into these rows (a window cache, or the overflow rows), then tell compute
+(`rows_ready`). A look-ahead `fetch` (from the layer before): read into the staging slot of
+its layer; when that layer's own fetch comes, neurons already staged are copied (DRAM to DRAM)
+instead of read again, and the look-ahead's reads count as this step's. `load_layer` from
+compute during a prompt: read a whole layer, in large sequential reads, into a staging slot
+(`layer_ready`). Requests run concurrently (a look-ahead read proceeds while a correction is
+served); each one's reads go to a thread pool of `os.preadv` calls (`FlashReader`, its
+`concurrency` reads in flight) through an anyio capacity limiter.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+import zmq
+
+from protocol.codec import decode
+from protocol.messages import Error, Fetch, LayerReady, LoadLayer, ProtocolError, RowsReady
+from streamer.engine import bundle_reads
+from streamer.flash import FlashReader, ReadStats
+from streamer.layout import ConvertedModel
+from streamer.shared import SharedRows
+from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+
+REQUESTS_IN_FLIGHT = 2  # a look-ahead and a correction, or two prompt layers
+
+
+@dataclass
+class Staged:
+    """A look-ahead's reads into a staging slot: neuron -> staging row, once `done`."""
+
+    key: tuple[str, int, int]  # request_id, step, layer
+    row_of: np.ndarray
+    done: anyio.Event = field(default_factory=anyio.Event)
+    stats: ReadStats = field(default_factory=ReadStats)
+
+
+class PrefetchStage:
+    def __init__(self, spec: StageSpec) -> None:
+        model = ConvertedModel(spec.model_dir)
+        self.spec, self.layout, self.n = spec, model.layout, model.config.d_ffn
+        self.shm = SharedRows(spec.shm_path, spec.layout)
+        self.reader = FlashReader(model.ffn_path, concurrency=spec.concurrency, direct=spec.direct)
+        self.limiter = anyio.CapacityLimiter(REQUESTS_IN_FLIGHT)
+        self.staged: list[Staged | None] = [None, None]
+
+    def close(self) -> None:
+        self.reader.close()
+
+    async def _read(self, reqs, stats: ReadStats) -> None:
+        if reqs:
+            await anyio.to_thread.run_sync(self.reader.read, reqs, stats, limiter=self.limiter)
+
+    def accept(self, msg) -> None:
+        """In arrival order, before any request runs: a look-ahead claims its staging slot."""
+        if isinstance(msg, Fetch) and msg.lookahead:
+            row_of = np.full(self.n, -1, dtype=np.int64)
+            row_of[msg.neurons] = msg.rows
+            key = (msg.request_id, msg.step, msg.layer)
+            self.staged[msg.layer % 2] = Staged(key, row_of)
+
+    async def handle(self, msg) -> object | None:
+        if isinstance(msg, LoadLayer):
+            stats = ReadStats()
+            dest = self.shm.stage(msg.slot)
+            await self._read(
+                self.reader.chunked(self.layout.layer_offsets[msg.layer], dest.view(-1)), stats
+            )
+            return LayerReady(
+                msg.request_id, msg.layer, msg.slot, stats.bytes, stats.reads, stats.seconds * 1e3
+            )
+        assert isinstance(msg, Fetch)
+        rows_all = self.shm.rows
+        if msg.lookahead:
+            entry = self.staged[msg.layer % 2]
+            assert entry is not None
+            try:
+                reqs = bundle_reads(
+                    self.layout, msg.layer, msg.neurons, rows_all, self.reader.max_read, msg.rows
+                )
+                await self._read(reqs, entry.stats)
+            finally:
+                entry.done.set()
+            return None
+        t0 = time.perf_counter()
+        neurons, rows = np.asarray(msg.neurons), np.asarray(msg.rows)
+        stats, copied, waited = ReadStats(), 0, 0.0
+        entry = self.staged[msg.layer % 2]
+        if entry is not None and entry.key == (msg.request_id, msg.step, msg.layer):
+            tw = time.perf_counter()
+            await entry.done.wait()
+            waited = time.perf_counter() - tw
+            src = entry.row_of[neurons]
+            have = src >= 0
+            if have.any():
+                import torch
+
+                rows_all[torch.from_numpy(rows[have])] = rows_all[torch.from_numpy(src[have])]
+                copied = int(have.sum())
+            neurons, rows = neurons[~have], rows[~have]
+            stats.bytes, stats.reads = entry.stats.bytes, entry.stats.reads
+            stats.seconds = entry.stats.seconds
+        reqs = bundle_reads(self.layout, msg.layer, neurons, rows_all, self.reader.max_read, rows)
+        await self._read(reqs, stats)
+        pstats = {
+            **msg.stats,
+            "copied": copied,
+            "lookahead_wait_ms": waited * 1e3,
+            "prefetch_ms": (time.perf_counter() - t0) * 1e3,
+        }
+        return RowsReady(
+            msg.request_id,
+            msg.step,
+            msg.layer,
+            msg.neurons,
+            msg.rows,
+            stats.bytes,
+            stats.reads,
+            stats.seconds * 1e3,
+            msg.cached,
+            pstats,
+        )
+
+
+async def serve(spec: StageSpec) -> None:
+    sc = StageContext(spec)
+    stage = None
+    try:
+        stage = PrefetchStage(spec)
+        inbox = sc.socket(zmq.PULL, "prefetch", bind=True)
+        compute = sc.socket(zmq.PUSH, "rows", bind=False)
+        health = sc.socket(zmq.PUSH, "health", bind=False)
+        send_work, receive_work = anyio.create_memory_object_stream[object](16)
+
+        async def worker(receive) -> None:
+            async with receive:
+                async for msg in receive:
+                    reply = await stage.handle(msg)
+                    if reply is not None:
+                        await send(compute, reply)
+
+        async with anyio.create_task_group() as tg, send_work:
+            tg.start_soon(heartbeats, health, spec)
+            for _ in range(REQUESTS_IN_FLIGHT + 1):
+                tg.start_soon(worker, receive_work.clone())
+            receive_work.close()
+            while True:
+                frames = await inbox.recv_multipart(copy=False)
+                try:
+                    msg = decode(frames, spec.limits, accept=("fetch", "load_layer"))
+                except ProtocolError as e:
+                    print(f"prefetch: refused a message: {e}", file=sys.stderr, flush=True)
+                    await send(health, Error("", "bad_message", f"prefetch: {e}"))
+                    continue
+                stage.accept(msg)
+                await send_work.send(msg)
+    finally:
+        if stage is not None:
+            stage.close()
+        sc.close()
+
+
+def run(spec: StageSpec) -> None:
+    """The prefetch process (spawn-safe)."""
+    run_stage(spec, serve)

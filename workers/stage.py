@@ -1,0 +1,135 @@
+"""What every stage process shares: its spec, its sockets, the READY handshake and heartbeats.
+
+A stage is started by the launcher (`streamer.pipeline`) with a `StageSpec`, by `spawn`. It
+binds its input socket, connects to the others, sends `ready` to the launcher's health socket
+once it has loaded what it needs, then a `heartbeat` every `heartbeat_s`. If it cannot go on it
+sends `dead` once (with linger) and exits. SIGINT is ignored (a terminal's Ctrl-C reaches the
+whole process group; the launcher decides), SIGTERM cancels the stage's task group, and a stage
+whose launcher is gone exits by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from protocol.codec import encode
+from protocol.messages import Dead, Heartbeat, Limits, Ready
+from protocol.sockets import Security, make_socket, start_authenticator
+from streamer.shared import SharedLayout
+
+
+@dataclass
+class StageSpec:
+    """Everything a stage process needs; picklable, made by the launcher."""
+
+    name: str
+    model_dir: Path
+    endpoints: dict[str, str]  # predictor, prefetch, compute, rows, results, health
+    shm_path: Path
+    layout: SharedLayout
+    window: int
+    serial: bool
+    concurrency: int
+    direct: bool
+    threads: int
+    dtype: str
+    heartbeat_s: float
+    limits: Limits
+    security: Security = field(default_factory=Security)
+    generation: int = 0
+    parent_pid: int = 0
+
+
+class StageContext:
+    """A stage's ZeroMQ context and sockets; closes them all (linger 0) on exit."""
+
+    def __init__(self, spec: StageSpec, asyncio: bool = True) -> None:
+        self.spec = spec
+        self.ctx = zmq.asyncio.Context() if asyncio else zmq.Context()
+        self.auth = None
+        self.sockets: list[zmq.Socket] = []
+
+    def socket(self, kind: int, name: str, bind: bool, ctx: zmq.Context | None = None):
+        endpoint = self.spec.endpoints[name]
+        ctx = ctx or self.ctx
+        if bind and endpoint.startswith("tcp://") and self.auth is None and ctx is self.ctx:
+            self.auth = start_authenticator(ctx, self.spec.security)
+        sock = make_socket(ctx, kind, endpoint, bind, self.spec.security, hwm=100_000)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+
+async def send(sock, msg) -> None:
+    await sock.send_multipart(encode(msg), copy=False)
+
+
+async def heartbeats(health, spec: StageSpec) -> None:
+    """READY once, then a heartbeat every heartbeat_s; exit when the launcher is gone."""
+    await send(health, Ready(spec.name, os.getpid(), spec.generation))
+    seq = 0
+    while True:
+        await anyio.sleep(spec.heartbeat_s)
+        if spec.parent_pid and os.getppid() != spec.parent_pid:
+            raise SystemExit(f"{spec.name}: the launcher is gone; exiting")
+        seq += 1
+        await send(health, Heartbeat(spec.name, seq, time.time()))
+
+
+def say_dead(spec: StageSpec, reason: str) -> None:
+    """The one DEAD message of a stage that cannot go on (sent with linger, on its own socket)."""
+    print(f"{spec.name}: {reason}", file=sys.stderr, flush=True)
+    ctx = zmq.Context()
+    try:
+        sock = make_socket(
+            ctx, zmq.PUSH, spec.endpoints["health"], False, spec.security, linger_ms=500
+        )
+        sock.send_multipart(encode(Dead(spec.name, reason[:2000])), copy=False)
+        sock.close()
+    except Exception as e:  # the launcher may be gone too: nothing more to do
+        print(f"{spec.name}: could not report to the launcher: {e}", file=sys.stderr)
+    finally:
+        ctx.term()
+
+
+def run_stage(spec: StageSpec, serve) -> None:
+    """A stage process's body: threads, signals, then `serve(spec)` under anyio."""
+    import torch
+
+    torch.set_num_threads(max(spec.threads, 1))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def on_sigterm() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(on_sigterm)
+            await serve(spec)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        say_dead(spec, f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
