@@ -237,9 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve generation over ZeroMQ",
         description="Load MODEL, bind ENDPOINT, print `ready ENDPOINT`, and serve `generate` "
-        "requests (protocol/README.md) until SIGINT or SIGTERM. Runs the single-process engine.",
+        "requests (protocol/README.md) until SIGINT or SIGTERM. Without --config: the "
+        "single-process engine. With --config FILE (deploy/pipeline.toml): the pipeline of "
+        "predictor, prefetch and compute processes; MODEL and the options given here override "
+        "the file's.",
     )
-    p.add_argument("model", metavar="MODEL", nargs="?", default="default", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP)
+    p.add_argument("--config", type=Path, help="run the pipeline with this TOML config")
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="pipeline: the same stages without overlapping I/O and compute (for comparison)",
+    )
     p.add_argument(
         "--endpoint",
         help="ipc://PATH or tcp://HOST:PORT (default: "
@@ -555,6 +564,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamer.server import Server, ServerSettings, default_endpoint, eos_ids
     from streamer.sources import open_source
 
+    if args.config is not None:
+        return _serve_pipeline(args)
+    if args.serial:
+        raise ConfigError("--serial is a pipeline setting: it needs --config")
+    args.model = args.model or "default"
     _set_threads(args.threads)
     if args.context < 2:
         raise ConfigError(f"--context must be at least 2, got {args.context}")
@@ -578,6 +592,46 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     tg.cancel_scope.cancel()
+                    return
+
+    anyio.run(main)
+    return 0
+
+
+def _serve_pipeline(args: argparse.Namespace) -> int:
+    import signal
+
+    import anyio
+    import torch
+
+    from streamer.pipeline import Pipeline, PipelineConfig
+
+    given = {
+        "model": args.model,
+        "endpoint": args.endpoint,
+        "serial": args.serial or None,
+        "key_dir": str(args.keys) if args.keys else None,
+        "insecure": args.insecure or None,
+        "dram_budget": args.dram_budget,
+        "dtype": args.dtype,
+        "direct": False if args.buffered else None,
+        # Options with defaults override the file only when they differ from the default.
+        "window": args.window if args.window != 4 else None,
+        "concurrency": args.concurrency if args.concurrency != 32 else None,
+        "context": args.context if args.context != 2048 else None,
+    }
+    if args.mode not in ("auto", "all"):
+        raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")
+    config = PipelineConfig.from_toml(
+        args.config, **{k: v for k, v in given.items() if v is not None}
+    )
+    torch.set_num_threads(1)  # this process only samples; the cores are compute's
+
+    async def main() -> None:
+        async with Pipeline.launch(config) as pipeline:
+            print(f"ready {pipeline.endpoint}", flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
                     return
 
     anyio.run(main)

@@ -276,8 +276,16 @@ class RemoteEngine:
                 raise StageFailed(self.failure)
             if not self.inbox.poll(20):
                 continue
-            reply = decode(self.inbox.recv_multipart(copy=False), self.limits)
-            if getattr(reply, "request_id", None) != seq.request_id:
+            try:
+                reply = decode(
+                    self.inbox.recv_multipart(copy=False), self.limits, accept=("logits", "error")
+                )
+            except ProtocolError as e:
+                print(f"launcher: refused a message from compute: {e}", file=sys.stderr)
+                continue
+            if isinstance(reply, Error) and not reply.request_id:
+                print(f"launcher: {reply.message}", file=sys.stderr)  # compute refused one
+            if reply.request_id != seq.request_id:
                 continue  # a reply to a sequence that already failed
             if isinstance(reply, Error):
                 raise StreamerError(reply.message)
@@ -288,6 +296,7 @@ class RemoteEngine:
         return torch.from_numpy(np.array(reply.logits))[None]
 
     def close(self) -> None:
+        self.fail("the pipeline is shutting down")
         self.out.close(linger=0)
         self.inbox.close(linger=0)
         self.ctx.term()
@@ -334,12 +343,21 @@ class Pipeline:
         """Start the pipeline; stop it on exit. processes=False runs the three stages as
         tasks of this process (for small models and tests; no restarts)."""
         pipeline = cls(config, processes)
-        async with anyio.create_task_group() as tg:
-            await tg.start(pipeline.run)
-            try:
-                yield pipeline
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(pipeline.run)
+                try:
+                    yield pipeline
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # one clear error for the embedder, not a tree
+            errors = group.subgroup(StreamerError)
+            if errors is None:
+                raise
+            first = errors
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     def _endpoints(self, run_dir: Path) -> dict[str, str]:
         eps = {name: f"ipc://{run_dir}/{name}.sock" for name in LINKS}
@@ -415,6 +433,7 @@ class Pipeline:
             )
             server = Server(engine, tokenizer, eos_ids(tokenizer_spec, tokenizer, cfg), settings)
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._fail_on_cancel)
                 tg.start_soon(self._listen, health)
                 for st in self.stages.values():
                     self._start(st, tg)
@@ -436,6 +455,14 @@ class Pipeline:
             if self._made_run_dir is not None:
                 shutil.rmtree(self._made_run_dir, ignore_errors=True)
 
+    async def _fail_on_cancel(self) -> None:
+        """On shutdown, the request waiting on a worker thread fails at once (a thread cannot
+        be cancelled; it would keep the task group open)."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.engine.fail("the pipeline is shutting down")
+
     def _start(self, st: StageProcess, tg) -> None:
         st.ready, st.said = False, ""
         st.started = st.last_seen = time.monotonic()
@@ -446,10 +473,21 @@ class Pipeline:
             )
             st.proc.start()
         else:
-            import importlib
+            tg.start_soon(self._stage_task, st)
 
-            module = importlib.import_module(f"workers.{st.name}")
-            tg.start_soon(module.serve, st.spec)
+    async def _stage_task(self, st: StageProcess) -> None:
+        """A stage run as a task of this process: its failure fails the request in flight, then
+        stops the pipeline (there is no process to restart)."""
+        import importlib
+
+        module = importlib.import_module(f"workers.{st.name}")
+        try:
+            await module.serve(st.spec)
+        except Exception as e:
+            text = f"the {st.name} stage failed: {type(e).__name__}: {e}"
+            print(f"launcher: {text}", file=sys.stderr, flush=True)
+            self.engine.fail(text)
+            raise
 
     async def _listen(self, health) -> None:
         while True:

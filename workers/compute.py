@@ -94,6 +94,7 @@ class PipelineFFN:
         self.inbox = self._socket(zmq.PULL, "rows", True)
         self.request_id, self.step, self.prefill = "", 0, False
         self.aborted: dict[str, str] = {}  # request_id -> why
+        self.early: dict[tuple, object] = {}  # replies that came before they were waited for
         self.stats: dict[str, float] = {}
 
     def _socket(self, kind: int, name: str, bind: bool):
@@ -114,32 +115,42 @@ class PipelineFFN:
     def begin(self, request_id: str, step: int, reset: bool) -> None:
         self.request_id, self.step = request_id, step
         self.stats = dict.fromkeys(STEP_KEYS, 0)
+        self.early = {k: m for k, m in self.early.items() if k[1] == request_id}
         if reset:
             self.prefill = True
             self._send(self.predictor, Reset(request_id))
 
+    def _key(self, msg) -> tuple:
+        step = msg.step if isinstance(msg, RowsReady) else -1
+        return (msg.KIND, msg.request_id, step, msg.layer)
+
     def _wait(self, kind: type, layer: int):
-        """The reply of `kind` for this step and layer; stale replies are dropped."""
+        """The reply of `kind` for this step and layer. Replies may come out of order (two
+        prompt layers are read at once): early ones wait in `early`; stale ones are dropped."""
         t0 = time.perf_counter()
+        want = (kind.KIND, self.request_id, self.step if kind is RowsReady else -1, layer)
         while True:
             why = self.aborted.get(self.request_id)
             if why:
                 raise StageFailed(why)
-            if self.inbox.poll(20):
-                msg = decode(
-                    self.inbox.recv_multipart(copy=False),
-                    self.spec.limits,
-                    accept=("rows_ready", "layer_ready"),
-                )
-                if (
-                    isinstance(msg, kind)
-                    and msg.request_id == self.request_id
-                    and msg.layer == layer
-                    and (kind is LayerReady or msg.step == self.step)
-                ):
-                    self.stats["wait_ms"] += (time.perf_counter() - t0) * 1e3
-                    return msg
-            elif time.perf_counter() - t0 > WAIT_LIMIT_S:
+            msg = self.early.pop(want, None)
+            if msg is None and self.inbox.poll(20):
+                try:
+                    msg = decode(
+                        self.inbox.recv_multipart(copy=False),
+                        self.spec.limits,
+                        accept=("rows_ready", "layer_ready"),
+                    )
+                except ProtocolError as e:  # not from prefetch: say so, wait on
+                    print(f"compute: refused a message: {e}", file=sys.stderr, flush=True)
+                    continue
+                if msg.request_id == self.request_id and self._key(msg) != want:
+                    self.early[self._key(msg)] = msg
+                    msg = None
+            if msg is not None and self._key(msg) == want:
+                self.stats["wait_ms"] += (time.perf_counter() - t0) * 1e3
+                return msg
+            if time.perf_counter() - t0 > WAIT_LIMIT_S:
                 raise StageFailed(f"no {kind.KIND} for layer {layer} in {WAIT_LIMIT_S:.0f} s")
 
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:

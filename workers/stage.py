@@ -10,6 +10,7 @@ whose launcher is gone exits by itself.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -113,6 +114,7 @@ def run_stage(spec: StageSpec, serve) -> None:
 
     torch.set_num_threads(max(spec.threads, 1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: every thread's stack to stderr
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:

@@ -1,0 +1,246 @@
+"""The pipeline of stage processes against the single-process engine: the same tokens, in
+processes and as tasks of one process, serial and overlapped; stages killed, hung or fed garbage
+while serving; many clients; the launcher's config and clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import anyio
+import pytest
+import zmq
+import zmq.asyncio
+
+from protocol.messages import Token
+from streamer.calibrate import CalibrationSettings, calibrate
+from streamer.client import Client, ClientError
+from streamer.convert import convert
+from streamer.engine import load_engine
+from streamer.errors import ConfigError
+from streamer.generate import Generation, SamplingParams
+from streamer.pipeline import STAGES, Pipeline, PipelineConfig, plan_pipeline
+from streamer.sources import HFSource
+from tests.test_server import collect
+
+PROMPT = [5, 17, 42, 99, 7, 3, 250, 12]
+
+
+@pytest.fixture(scope="module")
+def calibrated(hf_model, tmp_path_factory):
+    """calibrated(family) -> a converted, calibrated random model directory (made once)."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"{family}-pipeline") / "m"
+            convert(HFSource(hf_model(family)), out, dtype="float32", progress=False)
+            calibrate(out, CalibrationSettings(ranks="16", epochs=4, max_tokens=512), False)
+            made[family] = out
+        return made[family]
+
+    return get
+
+
+def config(tmp_path, model, **kw) -> PipelineConfig:
+    run = tmp_path / "run"
+    return PipelineConfig(
+        model=str(model),
+        endpoint=f"ipc://{run}/front.sock",
+        run_dir=str(run),
+        shm_dir=str(tmp_path),  # not a tmpfs, but the test can see what is left behind
+        **kw,
+    )
+
+
+def engine_tokens(directory, prompt, n, capacity=None, window=4):
+    """Greedy tokens of the single-process engine (mode all) with `capacity` rows per layer."""
+    budget = None
+    if capacity is not None:
+        with load_engine(directory, mode="all", max_len=2048) as e:
+            p, rows = e.plan, e.cfg.d_ffn + e.plan.n_layers * capacity
+            budget = p.resident + p.predictors + p.kv_cache + rows * p.row_bytes
+    with load_engine(directory, "all", window, budget, max_len=2048) as e:
+        if capacity is not None:
+            assert e.plan.cache_rows == capacity
+        params = SamplingParams(max_tokens=n, temperature=0, stop_ids=())
+        return Generation(e, prompt, params).run()
+
+
+def left_behind(tmp_path) -> list[str]:
+    found = [p.name for p in tmp_path.glob("streamer-*.rows")]
+    return found + [p.name for p in (tmp_path / "run").glob("*.sock")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("family", "processes", "serial", "budget"),
+    [
+        ("llama", True, False, None),
+        ("llama", False, False, None),
+        ("llama", True, True, None),
+        ("opt", False, False, None),
+        ("opt", True, False, "tight"),
+        ("opt", False, True, "tight"),
+    ],
+)
+async def test_pipeline_tokens_equal_the_single_process_engine(
+    calibrated, tmp_path, family, processes, serial, budget
+):
+    directory = calibrated(family)
+    cfg = config(tmp_path, directory, serial=serial)
+    if budget == "tight":  # windows of 24 rows: evictions and overflow every token
+        plan = plan_pipeline(cfg)
+        lay = plan.layout  # (L - 1) c + 3 n rows: windows, overflow, two staging layers
+        rows = (lay.n_layers - 1) * 24 + 3 * lay.n_neurons
+        cfg.dram_budget = str(
+            plan.resident + plan.predictors + plan.kv_cache + rows * (lay.stride + 8)
+        )
+        assert plan_pipeline(cfg).layout.capacity == 24
+    want = engine_tokens(directory, PROMPT, 24, 24 if budget else None)
+    async with Pipeline.launch(cfg, processes=processes) as p:
+        async with Client(p.endpoint, timeout=60) as client:
+            done = await collect(
+                client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
+            )
+            again = await collect(
+                client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
+            )
+    assert done.token_ids == want
+    assert again.token_ids == want  # a second sequence starts from empty windows again
+    s = done.summary
+    assert s["mode"] == ("pipeline-serial" if serial else "pipeline")
+    assert s["per_token"]["wait_ms"] >= 0 and s["per_token"]["io_ms"] >= 0
+    assert s["bytes_read"] > 0 and s["predicted"] > 0
+    if budget:
+        assert s["overflow"] + s["evicted"] > 0
+    if serial:
+        assert s["copied"] == 0  # no look-ahead reads
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_eight_clients_three_requests_each(calibrated, tmp_path):
+    directory = calibrated("llama")
+    want = {
+        (c, r): engine_tokens(directory, [c + 3, r + 7, 11], 5) for c in range(8) for r in (0, 1, 2)
+    }
+    got = {}
+
+    async def one_client(endpoint, c):
+        async with Client(endpoint, timeout=120) as client:
+            for r in range(3):
+                done = await collect(
+                    client,
+                    prompt_ids=[c + 3, r + 7, 11],
+                    max_tokens=5,
+                    temperature=0,
+                    ignore_eos=True,
+                )
+                got[(c, r)] = done.token_ids
+
+    async with Pipeline.launch(config(tmp_path, directory)) as p:
+        async with anyio.create_task_group() as clients:
+            for c in range(8):
+                clients.start_soon(one_client, p.endpoint, c)
+    assert got == want
+
+
+async def _generate_until_killed(client, kill) -> tuple[ClientError, float]:
+    """Start a long generation, run kill() after its first token; the error and its delay."""
+    t_kill = None
+    try:
+        async for event in client.generate(
+            prompt_ids=PROMPT, max_tokens=1500, temperature=0, ignore_eos=True
+        ):
+            if t_kill is None and isinstance(event, Token):
+                kill()
+                t_kill = time.monotonic()
+    except ClientError as e:
+        return e, time.monotonic() - t_kill
+    raise AssertionError("the generation finished although a stage was killed")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["kill", "hang"])
+async def test_a_dead_or_hung_stage_fails_the_request_and_comes_back(calibrated, tmp_path, how):
+    """kill -9 (or SIGSTOP) each stage in turn during a generation: the client gets an error
+    naming the stage within 2 s, the launcher starts the stage again, the next request works."""
+    directory = calibrated("llama")
+    want = engine_tokens(directory, PROMPT, 6)
+    async with Pipeline.launch(config(tmp_path, directory)) as p:
+        async with Client(p.endpoint, timeout=120) as client:
+            for name in STAGES:
+                pid = p.stages[name].proc.pid
+                sig = signal.SIGKILL if how == "kill" else signal.SIGSTOP
+                error, delay = await _generate_until_killed(client, lambda: os.kill(pid, sig))
+                assert f"the {name} stage" in str(error)
+                assert delay < 2.0, f"{name}: the error came {delay:.2f} s after the {how}"
+                done = await collect(
+                    client, prompt_ids=PROMPT, max_tokens=6, temperature=0, ignore_eos=True
+                )
+                assert done.token_ids == want
+                assert p.stages[name].proc.pid != pid
+        assert p.counts["restarts"] == 3
+
+
+@pytest.mark.asyncio
+async def test_garbage_on_stage_sockets_is_refused_and_serving_goes_on(calibrated, tmp_path):
+    directory = calibrated("llama")
+    want = engine_tokens(directory, PROMPT, 6)
+    frames_list = [
+        [b"nonsense"],
+        [b"fetch", b"\xc1"],
+        [b"ffn_input", b"\x82\xa1f\x80\xa1a\x80"],
+        [b"forward", b"\x82\xa1f\x81\xaarequest_id\xa1x\xa1a\x80"],
+        [b"rows_ready", b"\x82\xa1f\x80\xa1a\x80", b"extra"],
+    ]
+    async with Pipeline.launch(config(tmp_path, directory)) as p:
+        pids = {name: st.proc.pid for name, st in p.stages.items()}
+        ctx = zmq.asyncio.Context()
+        try:
+            for link in ("predictor", "prefetch", "compute", "rows"):
+                sock = ctx.socket(zmq.PUSH)
+                sock.connect(p.stages["compute"].spec.endpoints[link])
+                for frames in frames_list:
+                    await sock.send_multipart(frames)
+                sock.close(linger=1000)
+        finally:
+            ctx.term()
+        async with Client(p.endpoint, timeout=60) as client:
+            done = await collect(
+                client, prompt_ids=PROMPT, max_tokens=6, temperature=0, ignore_eos=True
+            )
+        assert done.token_ids == want
+        assert {name: st.proc.pid for name, st in p.stages.items()} == pids
+        assert p.counts["deaths"] == 0
+
+
+def test_config_is_validated(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('model = "default"\nwindoww = 4\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        PipelineConfig.from_toml(path)
+    path.write_text('window = "four"\n')
+    with pytest.raises(ConfigError, match="window must be int"):
+        PipelineConfig.from_toml(path)
+    path.write_text("window = 0\n")
+    with pytest.raises(ConfigError, match="window must be at least 1"):
+        PipelineConfig.from_toml(path)
+    path.write_text("heartbeat_s = 2.0\ndead_after_s = 1.0\n")
+    with pytest.raises(ConfigError, match="heartbeat_s"):
+        PipelineConfig.from_toml(path)
+    with pytest.raises(ConfigError, match="not found"):
+        PipelineConfig.from_toml(tmp_path / "missing.toml")
+    shipped = PipelineConfig.from_toml(
+        os.path.join(os.path.dirname(__file__), "..", "deploy", "pipeline.toml")
+    )
+    assert shipped == PipelineConfig()
+
+
+def test_an_uncalibrated_model_is_a_clear_error(hf_model, tmp_path):
+    out = tmp_path / "m"
+    convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
+    with pytest.raises(Exception, match="no predictors: run `streamer calibrate"):
+        plan_pipeline(config(tmp_path, out))
