@@ -634,7 +634,17 @@ def _serve_pipeline(args: argparse.Namespace) -> int:
                 async for _ in signals:
                     return
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    finally:
+        # `spawn` started multiprocessing's resource tracker; stop (and reap) it too, so that
+        # nothing of ours outlives the launcher. (A private API: absent, the tracker exits
+        # by itself when this process does.)
+        from multiprocessing import resource_tracker
+
+        stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+        if stop is not None:
+            stop()
     return 0
 
 

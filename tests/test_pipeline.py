@@ -4,9 +4,14 @@ while serving; many clients; the launcher's config and clean shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -21,6 +26,7 @@ from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.generate import Generation, SamplingParams
 from streamer.pipeline import STAGES, Pipeline, PipelineConfig, plan_pipeline
+from streamer.registry import DEFAULT_NAME, resolve_default
 from streamer.sources import HFSource
 from tests.test_server import collect
 
@@ -99,14 +105,16 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
         )
         assert plan_pipeline(cfg).layout.capacity == 24
     want = engine_tokens(directory, PROMPT, 24, 24 if budget else None)
-    async with Pipeline.launch(cfg, processes=processes) as p:
-        async with Client(p.endpoint, timeout=60) as client:
-            done = await collect(
-                client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
-            )
-            again = await collect(
-                client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
-            )
+    async with (
+        Pipeline.launch(cfg, processes=processes) as p,
+        Client(p.endpoint, timeout=60) as client,
+    ):
+        done = await collect(
+            client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
+        )
+        again = await collect(
+            client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
+        )
     assert done.token_ids == want
     assert again.token_ids == want  # a second sequence starts from empty windows again
     s = done.summary
@@ -140,22 +148,21 @@ async def test_eight_clients_three_requests_each(calibrated, tmp_path):
                 )
                 got[(c, r)] = done.token_ids
 
-    async with Pipeline.launch(config(tmp_path, directory)) as p:
-        async with anyio.create_task_group() as clients:
-            for c in range(8):
-                clients.start_soon(one_client, p.endpoint, c)
+    async with Pipeline.launch(config(tmp_path, directory)) as p, anyio.create_task_group() as tg:
+        for c in range(8):
+            tg.start_soon(one_client, p.endpoint, c)
     assert got == want
 
 
-async def _generate_until_killed(client, kill) -> tuple[ClientError, float]:
-    """Start a long generation, run kill() after its first token; the error and its delay."""
+async def _generate_until_killed(client, pid: int, sig: int) -> tuple[ClientError, float]:
+    """Start a long generation, signal `pid` after its first token; the error and its delay."""
     t_kill = None
     try:
         async for event in client.generate(
             prompt_ids=PROMPT, max_tokens=1500, temperature=0, ignore_eos=True
         ):
             if t_kill is None and isinstance(event, Token):
-                kill()
+                os.kill(pid, sig)
                 t_kill = time.monotonic()
     except ClientError as e:
         return e, time.monotonic() - t_kill
@@ -174,7 +181,7 @@ async def test_a_dead_or_hung_stage_fails_the_request_and_comes_back(calibrated,
             for name in STAGES:
                 pid = p.stages[name].proc.pid
                 sig = signal.SIGKILL if how == "kill" else signal.SIGSTOP
-                error, delay = await _generate_until_killed(client, lambda: os.kill(pid, sig))
+                error, delay = await _generate_until_killed(client, pid, sig)
                 assert f"the {name} stage" in str(error)
                 assert delay < 2.0, f"{name}: the error came {delay:.2f} s after the {how}"
                 done = await collect(
@@ -244,3 +251,65 @@ def test_an_uncalibrated_model_is_a_clear_error(hf_model, tmp_path):
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
     with pytest.raises(Exception, match="no predictors: run `streamer calibrate"):
         plan_pipeline(config(tmp_path, out))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_streamer_serve_config_with_the_default_model(tmp_path):
+    """The shipped deploy/pipeline.toml serving the default model: `generate --connect` prints
+    the tokens of the in-process engine with the same predictors; SIGTERM stops every stage
+    and leaves no shared memory or socket file behind."""
+    cache = tmp_path / "cache"
+    shutil.copytree(resolve_default(progress=False), cache / "models" / DEFAULT_NAME)
+    env = {**os.environ, "STREAMER_CACHE": str(cache)}
+
+    def streamer(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    streamer("calibrate", "default", "--ranks", "32", "--epochs", "2", "--max-tokens", "1024")
+    run = tmp_path / "run"
+    shipped = Path(__file__).parent.parent / "deploy" / "pipeline.toml"
+    endpoint = f"ipc://{run}/front.sock"
+    args = ["--prompt", "What is the capital of France?", "--chat", "--temperature", "0"]
+    args += ["--max-tokens", "16", "--ignore-eos", "--json"]
+    cmd = [sys.executable, "-m", "streamer", "serve", "--config", str(shipped)]
+    cmd += ["--endpoint", endpoint]
+    shm_before = set(Path("/dev/shm").glob("streamer-*"))
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        try:
+            assert proc.stdout.readline().strip() == f"ready {endpoint}"
+            stages = _children(proc.pid)
+            assert (
+                len([p for p in stages if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]) == 3
+            )
+            local = json.loads(streamer("generate", "default", "--mode", "all", *args))
+            remote = json.loads(streamer("generate", "--connect", endpoint, *args))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert remote["token_ids"] == local["token_ids"] and len(local["token_ids"]) == 16
+    assert remote["text"] == local["text"]
+    assert remote["summary"]["mode"] == "pipeline"
+    assert remote["summary"]["per_token"]["wait_ms"] >= 0
+    left = [p for p in stages if Path(f"/proc/{p}").exists()]
+    assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+    assert set(Path("/dev/shm").glob("streamer-*")) == shm_before
+    assert list(run.glob("*.sock")) == []
