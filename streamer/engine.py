@@ -239,6 +239,8 @@ class Telemetry:
         extra = ("wait_ms", "predict_ms", "copied")
         keys += tuple(k for k in extra if self.steps and all(k in s for s in self.steps))
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
+        if self.steps:  # the prompt's step on its own: prefill streams whole layers
+            out["prefill"] = {k: self.steps[0][k] for k in keys}
         decode = [s for s in self.steps if s["tokens"] == 1]
         if decode:
             out["per_token"] = {k: round(sum(s[k] for s in decode) / len(decode), 3) for k in keys}

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from streamer.generate import Generation, SamplingParams
 from streamer.pipeline import STAGES, Pipeline, PipelineConfig, plan_pipeline
 from streamer.registry import DEFAULT_NAME, resolve_default
 from streamer.sources import HFSource
+from tests.models import make_sparse_opt
 from tests.test_server import collect
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 12]
@@ -152,6 +154,57 @@ async def test_eight_clients_three_requests_each(calibrated, tmp_path):
         for c in range(8):
             tg.start_soon(one_client, p.endpoint, c)
     assert got == want
+
+
+@pytest.fixture(scope="module")
+def io_bound_opt(tmp_path_factory):
+    """A sparse OPT whose FFN is 128 MiB in float16 (4 layers of 8192 neurons, 4 KiB bundles):
+    a prompt's whole-layer reads take about as long as its compute here."""
+    base = tmp_path_factory.mktemp("io-bound-opt")
+    hf = make_sparse_opt(
+        base / "hf",
+        hidden_size=1024,
+        ffn_dim=8192,
+        num_attention_heads=16,
+        num_hidden_layers=4,
+        max_position_embeddings=512,
+    )
+    out = convert(HFSource(hf), base / "m", dtype="float16", progress=False).directory
+    calibrate(out, CalibrationSettings(ranks="32", epochs=4, max_tokens=512), False)
+    return out
+
+
+@pytest.mark.asyncio
+async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
+    """The same stages with and without overlap, same tokens. With overlap, compute waits for
+    less I/O and the prompt (whole layers read one ahead of compute) is faster; both report
+    compute's wait for I/O per step. Medians of three requests after a warm-up."""
+    prompt = list(range(5, 69))
+    results = {}
+    for serial in (True, False):
+        (tmp_path / str(serial)).mkdir()
+        cfg = config(tmp_path / str(serial), io_bound_opt, serial=serial, context=512)
+        async with Pipeline.launch(cfg) as p, Client(p.endpoint, timeout=120) as client:
+            runs = []
+            for _ in range(4):
+                runs.append(
+                    await collect(
+                        client, prompt_ids=prompt, max_tokens=8, temperature=0, ignore_eos=True
+                    )
+                )
+        results[serial] = runs
+    serial, overlap = results[True], results[False]
+    assert [r.token_ids for r in overlap] == [r.token_ids for r in serial]
+
+    def median(runs, part, key):
+        return statistics.median(r.summary[part][key] for r in runs[1:])
+
+    for runs in (serial, overlap):
+        assert all(r.summary["per_token"]["wait_ms"] >= 0 for r in runs)
+        assert median(runs, "prefill", "bytes_read") >= 4 * 8192 * 4096  # every layer, whole
+    assert median(overlap, "prefill", "wait_ms") < median(serial, "prefill", "wait_ms")
+    assert median(overlap, "prefill", "total_ms") < median(serial, "prefill", "total_ms")
+    assert median(overlap, "per_token", "copied") > 0  # decode's look-ahead reads were used
 
 
 async def _generate_until_killed(client, pid: int, sig: int) -> tuple[ClientError, float]:

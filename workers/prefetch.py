@@ -27,6 +27,7 @@ from streamer.engine import bundle_reads
 from streamer.flash import FlashReader, ReadStats
 from streamer.layout import ConvertedModel
 from streamer.shared import SharedRows
+from streamer.window import copy_rows
 from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
 
 REQUESTS_IN_FLIGHT = 2  # a look-ahead and a correction, or two prompt layers
@@ -38,6 +39,7 @@ class Staged:
 
     key: tuple[str, int, int]  # request_id, step, layer
     row_of: np.ndarray
+    after: anyio.Event  # the correction compute waits on now: it reads first
     done: anyio.Event = field(default_factory=anyio.Event)
     stats: ReadStats = field(default_factory=ReadStats)
 
@@ -50,6 +52,8 @@ class PrefetchStage:
         self.reader = FlashReader(model.ffn_path, concurrency=spec.concurrency, direct=spec.direct)
         self.limiter = anyio.CapacityLimiter(REQUESTS_IN_FLIGHT)
         self.staged: list[Staged | None] = [None, None]
+        self.correcting = anyio.Event()  # set when the latest correction has been served
+        self.correcting.set()
 
     def close(self) -> None:
         self.reader.close()
@@ -58,15 +62,28 @@ class PrefetchStage:
         if reqs:
             await anyio.to_thread.run_sync(self.reader.read, reqs, stats, limiter=self.limiter)
 
-    def accept(self, msg) -> None:
-        """In arrival order, before any request runs: a look-ahead claims its staging slot."""
+    def accept(self, msg) -> object:
+        """In arrival order, before any request runs: a look-ahead claims its staging slot and
+        queues behind the correction before it (compute is waiting on that one; the look-ahead
+        only has to be done by the next layer), so it never takes the disk from it."""
         if isinstance(msg, Fetch) and msg.lookahead:
             row_of = np.full(self.n, -1, dtype=np.int64)
             row_of[msg.neurons] = msg.rows
             key = (msg.request_id, msg.step, msg.layer)
-            self.staged[msg.layer % 2] = Staged(key, row_of)
+            self.staged[msg.layer % 2] = Staged(key, row_of, self.correcting)
+        elif isinstance(msg, Fetch):
+            self.correcting = anyio.Event()
+            return self.correcting
+        return None
 
-    async def handle(self, msg) -> object | None:
+    async def handle(self, msg, served: anyio.Event | None = None) -> object | None:
+        try:
+            return await self._handle(msg)
+        finally:
+            if served is not None:
+                served.set()
+
+    async def _handle(self, msg) -> object | None:
         if isinstance(msg, LoadLayer):
             stats = ReadStats()
             dest = self.shm.stage(msg.slot)
@@ -82,6 +99,7 @@ class PrefetchStage:
             entry = self.staged[msg.layer % 2]
             assert entry is not None
             try:
+                await entry.after.wait()
                 reqs = bundle_reads(
                     self.layout, msg.layer, msg.neurons, rows_all, self.reader.max_read, msg.rows
                 )
@@ -100,9 +118,7 @@ class PrefetchStage:
             src = entry.row_of[neurons]
             have = src >= 0
             if have.any():
-                import torch
-
-                rows_all[torch.from_numpy(rows[have])] = rows_all[torch.from_numpy(src[have])]
+                copy_rows(rows_all, rows[have], rows_all, src[have])
                 copied = int(have.sum())
             neurons, rows = neurons[~have], rows[~have]
             stats.bytes, stats.reads = entry.stats.bytes, entry.stats.reads
@@ -137,12 +153,12 @@ async def serve(spec: StageSpec) -> None:
         inbox = sc.socket(zmq.PULL, "prefetch", bind=True)
         compute = sc.socket(zmq.PUSH, "rows", bind=False)
         health = sc.socket(zmq.PUSH, "health", bind=False)
-        send_work, receive_work = anyio.create_memory_object_stream[object](16)
+        send_work, receive_work = anyio.create_memory_object_stream[tuple](16)
 
         async def worker(receive) -> None:
             async with receive:
-                async for msg in receive:
-                    reply = await stage.handle(msg)
+                async for msg, served in receive:
+                    reply = await stage.handle(msg, served)
                     if reply is not None:
                         await send(compute, reply)
 
@@ -159,8 +175,7 @@ async def serve(spec: StageSpec) -> None:
                     print(f"prefetch: refused a message: {e}", file=sys.stderr, flush=True)
                     await send(health, Error("", "bad_message", f"prefetch: {e}"))
                     continue
-                stage.accept(msg)
-                await send_work.send(msg)
+                await send_work.send((msg, stage.accept(msg)))
     finally:
         if stage is not None:
             stage.close()
