@@ -31,6 +31,7 @@ from streamer.window import copy_rows
 from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
 
 REQUESTS_IN_FLIGHT = 2  # a look-ahead and a correction, or two prompt layers
+INLINE_READS = 2  # requests of at most this many reads run on the event loop itself
 
 
 @dataclass
@@ -59,8 +60,10 @@ class PrefetchStage:
         self.reader.close()
 
     async def _read(self, reqs, stats: ReadStats) -> None:
-        if reqs:
+        if len(reqs) > INLINE_READS:
             await anyio.to_thread.run_sync(self.reader.read, reqs, stats, limiter=self.limiter)
+        elif reqs:  # a few reads: two thread hand-offs would cost more than the reads
+            self.reader.read(reqs, stats)
 
     def accept(self, msg) -> object:
         """In arrival order, before any request runs: a look-ahead claims its staging slot and
