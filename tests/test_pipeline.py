@@ -53,13 +53,13 @@ def calibrated(hf_model, tmp_path_factory):
 
 def config(tmp_path, model, **kw) -> PipelineConfig:
     run = tmp_path / "run"
-    return PipelineConfig(
-        model=str(model),
-        endpoint=f"ipc://{run}/front.sock",
-        run_dir=str(run),
-        shm_dir=str(tmp_path),  # not a tmpfs, but the test can see what is left behind
-        **kw,
-    )
+    settings = {
+        "model": str(model),
+        "endpoint": f"ipc://{run}/front.sock",
+        "run_dir": str(run),
+        "shm_dir": str(tmp_path),  # not a tmpfs, but the test can see what is left behind
+    }
+    return PipelineConfig(**{**settings, **kw})
 
 
 def engine_tokens(directory, prompt, n, capacity=None, window=4):
@@ -375,3 +375,44 @@ def test_streamer_serve_config_with_the_default_model(tmp_path):
     assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
     assert set(Path("/dev/shm").glob("streamer-*")) == shm_before
     assert list(run.glob("*.sock")) == []
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.asyncio
+async def test_every_link_over_tcp_with_curve(calibrated, tmp_path):
+    """tcp:// for the client endpoint and every stage link, CURVE-authenticated: same tokens."""
+    from protocol.sockets import Security, make_keys
+
+    directory = calibrated("llama")
+    make_keys(tmp_path / "keys")
+    ports = _free_ports(7)
+    links = ("predictor", "prefetch", "compute", "rows", "results", "health")
+    cfg = config(
+        tmp_path,
+        directory,
+        endpoint=f"tcp://127.0.0.1:{ports[0]}",
+        key_dir=str(tmp_path / "keys"),
+        endpoints={name: f"tcp://127.0.0.1:{p}" for name, p in zip(links, ports[1:], strict=True)},
+    )
+    want = engine_tokens(directory, PROMPT, 8)
+    security = Security(tmp_path / "keys")
+    async with (
+        Pipeline.launch(cfg, processes=False) as p,
+        Client(p.endpoint, security, timeout=60) as client,
+    ):
+        done = await collect(
+            client, prompt_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True
+        )
+    assert done.token_ids == want
