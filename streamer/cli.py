@@ -264,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine(p)
 
     p = sub.add_parser(
+        "synth",
+        help="write a 7B-shaped model with real sparsity (for the benchmark)",
+        description="Write a Hugging Face directory with the shapes of a 7B model and random "
+        "weights made so that a forward pass is sparse like the trained model's (some neurons "
+        "far more often active than others, consecutive tokens sharing their active sets), "
+        "then measure that sparsity. Convert and calibrate it like any model.",
+    )
+    p.add_argument("out", metavar="OUT", type=Path, help="a new directory")
+    p.add_argument("--like", required=True, help="opt-6.7b, falcon-7b or llama-2-7b")
+    p.add_argument("--layers", type=int, help="fewer layers than the real model")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="divide the widths (and vocabulary) by this power of two: a small model of the "
+        "same family (default: %(default)s, the real shapes)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument(
+        "--tokens", type=int, default=96, help="tokens the sparsity is measured on (default: 96)"
+    )
+    p.add_argument("--window", type=int, default=5, help="for the newly-loaded fraction (5)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_threads(p)
+
+    p = sub.add_parser(
         "keys",
         help="make CURVE key pairs for tcp:// endpoints",
         description="Write a server and a client key pair (pyzmq certificate files) into DIR "
@@ -598,6 +625,46 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from streamer.synth import synth
+
+    _set_threads(args.threads)
+    if args.tokens < args.window + 2:
+        raise ConfigError(f"--tokens must be at least --window + 2, got {args.tokens}")
+    report = synth(
+        args.like,
+        args.out,
+        layers=args.layers,
+        scale=args.scale,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.json,
+        measure_tokens=args.tokens,
+        window=args.window,
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    k = report["window"]
+    paper = report["paper"]
+    print(
+        f"{args.out}: {report['like']}, {report['layers']} layers, d {report['d_model']}, "
+        f"FFN {report['d_ffn']}, {report['bytes'] / 1e9:.2f} GB, {report['seconds']} s"
+    )
+    print(f"{'':34} {'measured':>9} {'paper':>7}")
+    print(
+        f"{'sparsity (inactive per token)':34} {report['sparsity']:9.1%} "
+        f"{paper.get('sparsity', float('nan')):7.1%}"
+    )
+    print(f"{'active per token':34} {report['active_per_token']:9.2%}")
+    print(f"{'activations in the top 10% neurons':34} {report['top10_share']:9.1%}")
+    new = report[f"new_per_token_window{k}"]
+    paper_new = paper.get(f"new_per_token_window{k}", float("nan"))
+    print(f"{f'newly needed per token, window {k}':34} {new:9.2%} {paper_new:7.1%}")
+    print(f"next: streamer convert {args.out} OUT && streamer calibrate OUT")
+    return 0
+
+
 def _serve_pipeline(args: argparse.Namespace) -> int:
     import signal
 
@@ -795,6 +862,7 @@ COMMANDS = {
     "probe-disk": _cmd_probe_disk,
     "keys": _cmd_keys,
     "serve": _cmd_serve,
+    "synth": _cmd_synth,
 }
 
 
