@@ -37,6 +37,11 @@ import torch
 from streamer.errors import ConfigError
 
 GB = 10**9
+# Scale of the attention output: how much each token's residual stream carries of the tokens
+# before it, so how many active neurons consecutive tokens share. 1.0 makes the neurons newly
+# needed per token with a window of 5 about 0.24 of the active ones (measured with 32 layers at
+# --scale 16: 0.74% of 3.07%), the paper's ratio for OPT-6.7B (2.4% against 10%); 3.0 gave 0.06.
+CONTEXT = 1.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,7 @@ class WeightMaker:
         self.d = hf["hidden_size"]
         self.n = hf.get("ffn_dim") or hf.get("intermediate_size") or 4 * self.d
         self.active = active
+        self.context = CONTEXT
 
     def _seed(self, name: str) -> int:
         return self.seed * 2**32 + zlib.crc32(name.encode())
@@ -246,7 +252,7 @@ class WeightMaker:
         elif role == "v_weight":
             t = normal(1 / math.sqrt(d))
         elif role == "o_weight":
-            t = normal(3.0 / math.sqrt(d))  # the context outweighs the token itself
+            t = normal(self.context / math.sqrt(d))  # how much the context outweighs the token
         elif role in ("up_weight", "gate_weight"):
             t = normal(1 / math.sqrt(d))  # a unit-variance projection of the normalized input
         elif role == "down_weight":

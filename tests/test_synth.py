@@ -19,9 +19,9 @@ from tests.models import hf_logits
 
 @pytest.mark.parametrize("like", sorted(SHAPES))
 def test_synth_matches_transformers_and_is_sparse(like, tmp_path):
-    report = synth(like, tmp_path / "m", layers=2, scale=16, progress=False, measure_tokens=64)
+    report = synth(like, tmp_path / "m", layers=6, scale=16, progress=False, measure_tokens=64)
     target = SHAPES[like].active
-    assert report["layers"] == 2 and report["d_ffn"] > 0
+    assert report["layers"] == 6 and report["d_ffn"] > 0
     # As sparse as asked (the measured fraction of a random draw, so within a margin).
     assert target / 2 < report["active_per_token"] < target * 2
     # Some neurons fire far more often than others (uniform firing would give 10%).
