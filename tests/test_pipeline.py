@@ -177,8 +177,9 @@ def io_bound_opt(tmp_path_factory):
 @pytest.mark.asyncio
 async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
     """The same stages with and without overlap, same tokens. With overlap, compute waits for
-    less I/O and the prompt (whole layers read one ahead of compute) is faster; both report
-    compute's wait for I/O per step. Medians of three requests after a warm-up."""
+    less I/O, in the prompt (whole layers read one ahead of compute, which is then faster) and
+    in decoding (look-ahead reads); both report compute's wait for I/O per step. Medians of
+    three requests after a warm-up."""
     prompt = list(range(5, 69))
     results = {}
     for serial in (True, False):
@@ -189,7 +190,7 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
             for _ in range(4):
                 runs.append(
                     await collect(
-                        client, prompt_ids=prompt, max_tokens=8, temperature=0, ignore_eos=True
+                        client, prompt_ids=prompt, max_tokens=16, temperature=0, ignore_eos=True
                     )
                 )
         results[serial] = runs
@@ -199,7 +200,7 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
     def median(runs, part, key):
         return statistics.median(r.summary[part][key] for r in runs[1:])
 
-    print("\nmedians of 3 requests (64-token prompt, 8 tokens), ms:")
+    print("\nmedians of 3 requests (64-token prompt, 16 tokens), ms:")
     print(f"{'':8} {'prefill':>8} {'wait':>8} {'per token':>10} {'wait':>8} {'io':>8}")
     for name, runs in (("serial", serial), ("overlap", overlap)):
         print(
@@ -207,13 +208,18 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
             f"{median(runs, 'prefill', 'wait_ms'):8.1f} "
             f"{statistics.median(r.summary['ms_per_token'] for r in runs[1:]):10.1f} "
             f"{median(runs, 'per_token', 'wait_ms'):8.1f} {median(runs, 'per_token', 'io_ms'):8.1f}"
+            f" loaded {median(runs, 'per_token', 'loaded'):.0f} copied "
+            f"{median(runs, 'per_token', 'copied'):.0f}"
         )
     for runs in (serial, overlap):
         assert all(r.summary["per_token"]["wait_ms"] >= 0 for r in runs)
         assert median(runs, "prefill", "bytes_read") >= 4 * 8192 * 4096  # every layer, whole
     assert median(overlap, "prefill", "wait_ms") < median(serial, "prefill", "wait_ms")
     assert median(overlap, "prefill", "total_ms") < median(serial, "prefill", "total_ms")
-    assert median(overlap, "per_token", "copied") > 0  # decode's look-ahead reads were used
+    # Decoding: most rows come from look-ahead reads. Whether that makes a token faster
+    # depends on the run here (from 7% faster to 17% slower: the look-ahead's reads and
+    # predictor compete with compute for 2 cores), so it is measured, not asserted.
+    assert median(overlap, "per_token", "copied") > median(overlap, "per_token", "loaded") / 2
 
 
 async def _generate_until_killed(client, pid: int, sig: int) -> tuple[ClientError, float]:
