@@ -49,7 +49,7 @@ from streamer.model import ACTIVATION_FNS, FFNWeights, Transformer
 from streamer.predictor import META_FILE
 from streamer.shared import SharedRows
 from streamer.window import WindowCache
-from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
 WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health catches it first)
 STEP_KEYS = (
@@ -58,6 +58,7 @@ STEP_KEYS = (
     "io_ms",
     "wait_ms",
     "predict_ms",
+    "prefetch_ms",
     "mem_ms",
     "predicted",
     "hits",
@@ -170,8 +171,10 @@ class PipelineFFN:
         s["bytes_read"] += msg.bytes_read
         s["reads"] += msg.reads
         s["io_ms"] += msg.io_ms
-        for k in ("predict_ms", "mem_ms", "predicted", "hits", "loaded", "evicted", "overflow"):
+        for k in ("predict_ms", "prefetch_ms", "mem_ms", "predicted", "hits", "loaded"):
             s[k] += ps.get(k, 0)
+        s["evicted"] += ps.get("evicted", 0)
+        s["overflow"] += ps.get("overflow", 0)
         s["copied"] += ps.get("copied", 0)
         s["cached"] += msg.cached
         ids = self.shm.ids[layer, : msg.cached].copy()
@@ -287,13 +290,7 @@ async def serve(spec: StageSpec) -> None:
             tg.start_soon(heartbeats, health, spec)
             tg.start_soon(run_forwards)
             while True:
-                frames = await inbox.recv_multipart(copy=False)
-                try:
-                    msg = decode(frames, spec.limits, accept=("forward", "dead"))
-                except ProtocolError as e:
-                    print(f"compute: refused a message: {e}", file=sys.stderr, flush=True)
-                    await send(results, Error("", "bad_message", f"compute: {e}"))
-                    continue
+                msg = await receive(inbox, spec, ("forward", "dead"), health)
                 if isinstance(msg, Dead):
                     if stage.request_id:
                         stage.ffn.aborted[stage.request_id] = f"the {msg.stage} stage died"

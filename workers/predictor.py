@@ -12,7 +12,6 @@ layer's true active sets (`fill`); the books take them (compute writes the rows 
 
 from __future__ import annotations
 
-import sys
 import time
 
 import anyio
@@ -20,13 +19,12 @@ import numpy as np
 import torch
 import zmq
 
-from protocol.codec import decode
-from protocol.messages import Error, Fetch, FFNInput, Fill, ProtocolError, Reset
+from protocol.messages import Fetch, FFNInput, Fill, Reset
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.predictor import Predictors
 from streamer.shared import SharedRows
 from streamer.window import WindowCache
-from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
 
 class PredictorStage:
@@ -109,13 +107,7 @@ async def serve(spec: StageSpec) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeats, health, spec)
             while True:
-                frames = await inbox.recv_multipart(copy=False)
-                try:
-                    msg = decode(frames, spec.limits, accept=("reset", "fill", "ffn_input"))
-                except ProtocolError as e:  # no reply path on a PULL: the launcher hears it
-                    print(f"predictor: refused a message: {e}", file=sys.stderr, flush=True)
-                    await send(health, Error("", "bad_message", f"predictor: {e}"))
-                    continue
+                msg = await receive(inbox, spec, ("reset", "fill", "ffn_input"), health)
                 for out in stage.handle(msg):
                     await send(prefetch, out)
     finally:

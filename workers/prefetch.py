@@ -13,7 +13,6 @@ served); each one's reads go to a thread pool of `os.preadv` calls (`FlashReader
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -21,14 +20,13 @@ import anyio
 import numpy as np
 import zmq
 
-from protocol.codec import decode
-from protocol.messages import Error, Fetch, LayerReady, LoadLayer, ProtocolError, RowsReady
+from protocol.messages import Fetch, LayerReady, LoadLayer, RowsReady
 from streamer.engine import bundle_reads
 from streamer.flash import FlashReader, ReadStats
 from streamer.layout import ConvertedModel
 from streamer.shared import SharedRows
 from streamer.window import copy_rows
-from workers.stage import StageContext, StageSpec, heartbeats, run_stage, send
+from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
 REQUESTS_IN_FLIGHT = 2  # a look-ahead and a correction, or two prompt layers
 INLINE_READS = 2  # requests of at most this many reads run on the event loop itself
@@ -171,13 +169,7 @@ async def serve(spec: StageSpec) -> None:
                 tg.start_soon(worker, receive_work.clone())
             receive_work.close()
             while True:
-                frames = await inbox.recv_multipart(copy=False)
-                try:
-                    msg = decode(frames, spec.limits, accept=("fetch", "load_layer"))
-                except ProtocolError as e:
-                    print(f"prefetch: refused a message: {e}", file=sys.stderr, flush=True)
-                    await send(health, Error("", "bad_message", f"prefetch: {e}"))
-                    continue
+                msg = await receive(inbox, spec, ("fetch", "load_layer"), health)
                 await send_work.send((msg, stage.accept(msg)))
     finally:
         if stage is not None:

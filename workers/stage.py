@@ -22,8 +22,8 @@ import anyio
 import zmq
 import zmq.asyncio
 
-from protocol.codec import encode
-from protocol.messages import Dead, Heartbeat, Limits, Ready
+from protocol.codec import decode, encode
+from protocol.messages import Dead, Error, Heartbeat, Limits, ProtocolError, Ready
 from protocol.sockets import Security, make_socket, start_authenticator
 from streamer.shared import SharedLayout
 
@@ -78,6 +78,18 @@ class StageContext:
 
 async def send(sock, msg) -> None:
     await sock.send_multipart(encode(msg), copy=False)
+
+
+async def receive(sock, spec: StageSpec, accept: tuple[str, ...], health):
+    """The next message of a kind in `accept`. One that fails to decode cannot be answered (the
+    links are PUSH/PULL): it is logged and reported to the launcher, and the stage goes on."""
+    while True:
+        frames = await sock.recv_multipart(copy=False)
+        try:
+            return decode(frames, spec.limits, accept=accept)
+        except ProtocolError as e:
+            print(f"{spec.name}: refused a message: {e}", file=sys.stderr, flush=True)
+            await send(health, Error("", "bad_message", f"{spec.name}: {e}"))
 
 
 async def heartbeats(health, spec: StageSpec) -> None:
