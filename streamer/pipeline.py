@@ -46,7 +46,7 @@ import zmq.asyncio
 
 from protocol.codec import decode, encode
 from protocol.messages import Dead, Error, Forward, Heartbeat, Limits, ProtocolError, Ready
-from protocol.sockets import Security, make_socket
+from protocol.sockets import Security, make_socket, start_authenticator
 from streamer.engine import WORKING_MEMORY, Telemetry, _kv_bytes, parse_budget, rss_bytes
 from streamer.errors import ConfigError, ModelFormatError, StreamerError
 from streamer.layout import ConvertedModel, parse_dtype
@@ -237,6 +237,11 @@ class RemoteEngine:
         self.cfg, self.mode, self.limits = cfg, mode, limits
         self.telemetry = Telemetry()
         self.ctx = zmq.Context()
+        self.auth = (  # a CURVE server admits only the authorized client keys
+            start_authenticator(self.ctx, security)
+            if endpoints["results"].startswith("tcp://")
+            else None
+        )
         self.out = make_socket(self.ctx, zmq.PUSH, endpoints["compute"], False, security)
         self.inbox = make_socket(self.ctx, zmq.PULL, endpoints["results"], True, security)
         self.ready = threading.Event()
@@ -299,6 +304,8 @@ class RemoteEngine:
         self.fail("the pipeline is shutting down")
         self.out.close(linger=0)
         self.inbox.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
@@ -391,13 +398,15 @@ class Pipeline:
             max_frame_bytes=max(256 << 20, cfg.vocab_size * 4 + 4096),
         )
         ctx = zmq.asyncio.Context()
-        health = to_compute = None
+        health = to_compute = auth = None
         tokenizer_spec = model.tokenizer()
         if tokenizer_spec is None:
             raise ModelFormatError(f"{model.directory} has no tokenizer (tokenizer.json)")
         tokenizer = tokenizer_spec.build()
         try:
             self.shm = SharedRows(shm_path, plan.layout, create=True)
+            if endpoints["health"].startswith("tcp://"):
+                auth = start_authenticator(ctx, security)
             health = make_socket(ctx, zmq.PULL, endpoints["health"], True, security)
             to_compute = make_socket(ctx, zmq.PUSH, endpoints["compute"], False, security)
             mode = "pipeline-serial" if config.serial else "pipeline"
@@ -446,6 +455,8 @@ class Pipeline:
             for sock in (health, to_compute):
                 if sock is not None:
                     sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             if self.shm is not None:
                 self.shm.unlink()

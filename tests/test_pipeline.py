@@ -397,9 +397,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.asyncio
-async def test_every_link_over_tcp_with_curve(calibrated, tmp_path):
-    """tcp:// for the client endpoint and every stage link, CURVE-authenticated: same tokens."""
-    from protocol.sockets import Security, make_keys
+async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
+    """tcp:// for the client endpoint and every stage link, CURVE-authenticated: same tokens;
+    a peer whose key is not authorized gets nothing into any stage."""
+    from protocol.sockets import Security, make_keys, make_socket
 
     directory = calibrated("llama")
     make_keys(tmp_path / "keys")
@@ -421,4 +422,25 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path):
         done = await collect(
             client, prompt_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True
         )
+        stranger = tmp_path / "stranger"  # the right server key, a client key never authorized
+        make_keys(stranger)
+        shutil.copy(tmp_path / "keys" / "server.key", stranger / "server.key")
+        capfd.readouterr()
+
+        def push_garbage(keys) -> None:  # on a thread: closing with linger blocks
+            ctx = zmq.Context()
+            for link in ("predictor", "prefetch", "compute", "rows", "health"):
+                sock = make_socket(ctx, zmq.PUSH, cfg.endpoints[link], False, Security(keys))
+                sock.send_multipart([b"garbage", b"\xc1"])
+                sock.close(linger=1000)
+            ctx.term()
+
+        for keys, admitted in ((stranger, False), (tmp_path / "keys", True)):
+            await anyio.to_thread.run_sync(push_garbage, keys)
+            await anyio.sleep(0.5)
+            # compute reads the rows link during a forward: run one
+            again = await collect(client, prompt_ids=PROMPT, max_tokens=2, temperature=0)
+            assert again.token_ids == want[:2]
+            refused = capfd.readouterr().err.count("refused a")
+            assert refused == (5 if admitted else 0), (keys, refused)
     assert done.token_ids == want

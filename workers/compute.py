@@ -90,6 +90,7 @@ class PipelineFFN:
             for i in range(cfg.n_layers)
         ]
         self.ctx = zmq.Context()
+        self.auth = None  # the ZAP authenticator of this context, if it binds a tcp:// link
         self.predictor = self._socket(zmq.PUSH, "predictor", False)
         self.prefetch = self._socket(zmq.PUSH, "prefetch", False)
         self.inbox = self._socket(zmq.PULL, "rows", True)
@@ -99,15 +100,18 @@ class PipelineFFN:
         self.stats: dict[str, float] = {}
 
     def _socket(self, kind: int, name: str, bind: bool):
-        from protocol.sockets import make_socket
+        from protocol.sockets import make_socket, start_authenticator
 
-        return make_socket(
-            self.ctx, kind, self.spec.endpoints[name], bind, self.spec.security, hwm=100_000
-        )
+        endpoint = self.spec.endpoints[name]
+        if bind and endpoint.startswith("tcp://") and self.auth is None:
+            self.auth = start_authenticator(self.ctx, self.spec.security)
+        return make_socket(self.ctx, kind, endpoint, bind, self.spec.security, hwm=100_000)
 
     def close(self) -> None:
         for s in (self.predictor, self.prefetch, self.inbox):
             s.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     def _send(self, sock, msg) -> None:
