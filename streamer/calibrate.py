@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from streamer.errors import ConfigError, ModelFormatError
-from streamer.layout import ConvertedModel
+from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import DenseFFN, Transformer, ffn_forward
 from streamer.predictor import (
     Predictors,
@@ -50,6 +50,7 @@ class CalibrationSettings:
     max_tokens: int = 8192
     chunk: int = 256  # tokens per sequence while recording
     seed: int = 0
+    dtype: str = "float32"  # the dense model's while recording (predictors train in float32)
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -58,6 +59,8 @@ class CalibrationSettings:
             raise ConfigError(f"--recall must be in (0, 1], got {self.target_recall}")
         if self.epochs < 1 or self.max_tokens < 16 or self.chunk < 2:
             raise ConfigError("--epochs must be >= 1 and --max-tokens >= 16")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
 
 class MaskedFFN:
@@ -158,7 +161,7 @@ def calibrate(
             f"calibration text too short ({len(train_tokens)} tokens; held-out "
             f"{len(held_tokens)}): give at least 64 and 16"
         )
-    model = load_dense(source, torch.float32)
+    model = load_dense(source, parse_dtype(settings.dtype))
     dense = model.ffn
     assert isinstance(dense, DenseFFN)
     # ReLU (plain or gated) zeroes neurons exactly: "active" is output != 0, nothing to choose.

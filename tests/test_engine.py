@@ -109,6 +109,24 @@ def test_calibration_report_and_predictor_quality(sparse_opt):
     assert "lookahead_recall" in meta["layers"][0] and "lookahead_recall" not in meta["layers"][-1]
 
 
+def test_calibration_in_bfloat16_trains_predictors_as_good(sparse_opt, tmp_path):
+    """Recording in bfloat16 (half the DRAM: how a 7B model calibrates in 24 GiB) gives
+    predictors of about the float32 recording's recall; the float32 ones are kept."""
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(sparse_opt, copy)
+    settings = CalibrationSettings(ranks="32", epochs=8, max_tokens=1024, dtype="bfloat16")
+    half = calibrate(copy, settings, progress=False)
+    full = json.loads((sparse_opt / "predictors.json").read_text())
+    for a, b in zip(half["layers"], full["layers"], strict=True):
+        assert a["active"] == pytest.approx(b["active"], abs=0.02)
+        assert a["recall"] > b["recall"] - 0.05
+    assert half["perplexity"]["dense"] == pytest.approx(full["perplexity"]["dense"], rel=0.02)
+    with pytest.raises(ConfigError, match="--dtype must be"):
+        CalibrationSettings(dtype="int8")
+
+
 def test_budget_too_small_is_refused_with_the_numbers(sparse_opt):
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ConfigError, match="too small.*MiB"):
