@@ -212,6 +212,7 @@ class WeightMaker:
         self.n = hf.get("ffn_dim") or hf.get("intermediate_size") or 4 * self.d
         self.active = active
         self.context = CONTEXT
+        self.tied = bool(hf.get("tie_word_embeddings"))
 
     def _seed(self, name: str) -> int:
         return self.seed * 2**32 + zlib.crc32(name.encode())
@@ -233,7 +234,11 @@ class WeightMaker:
         def normal(std: float) -> torch.Tensor:
             return torch.randn(shape, generator=g) * std
 
-        if role == "norm_weight":
+        if role == "norm_weight" and self.tied and not any(p.isdigit() for p in name.split(".")):
+            # The final norm of a model whose head is its (unit-variance) embedding: scaled so
+            # that logits have unit variance, not sqrt(d) (perplexities that mean something).
+            t = torch.full(shape, 1 / math.sqrt(d))
+        elif role == "norm_weight":
             t = torch.ones(shape)
         elif role.endswith("_bias") and role not in ("up_bias", "gate_bias"):
             t = torch.zeros(shape)
