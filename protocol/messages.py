@@ -203,13 +203,18 @@ def _check_layer(kind: str, layer: int, limits: Limits) -> None:
     _need(0 <= layer < limits.n_layers, f"{kind}.layer must be in [0, {limits.n_layers})")
 
 
-def _check_ids(kind: str, name: str, ids: np.ndarray, limits: Limits) -> None:
-    _need(len(ids) <= limits.n_neurons, f"{kind}.{name} has more than {limits.n_neurons} entries")
-    if len(ids):
+def _check_values(kind: str, name: str, values: np.ndarray, bound: int, most: int) -> None:
+    """At most `most` entries, each in [0, bound)."""
+    _need(len(values) <= most, f"{kind}.{name} has more than {most} entries")
+    if len(values):
         _need(
-            int(ids.min()) >= 0 and int(ids.max()) < limits.n_neurons,
-            f"{kind}.{name} must lie in [0, {limits.n_neurons})",
+            int(values.min()) >= 0 and int(values.max()) < bound,
+            f"{kind}.{name} must lie in [0, {bound})",
         )
+
+
+def _check_ids(kind: str, name: str, ids: np.ndarray, limits: Limits) -> None:
+    _check_values(kind, name, ids, limits.n_neurons, limits.n_neurons)
 
 
 def _check_rows(msg: Any, limits: Limits) -> None:
@@ -217,10 +222,7 @@ def _check_rows(msg: Any, limits: Limits) -> None:
     _check_layer(msg.KIND, msg.layer, limits)
     _need(msg.neurons.shape == msg.rows.shape, f"{msg.KIND}.neurons and .rows differ in length")
     _check_ids(msg.KIND, "neurons", msg.neurons, limits)
-    _need(
-        len(msg.rows) == 0 or (int(msg.rows.min()) >= 0 and int(msg.rows.max()) < limits.n_rows),
-        f"{msg.KIND}.rows must lie in [0, {limits.n_rows})",
-    )
+    _check_values(msg.KIND, "rows", msg.rows, limits.n_rows, limits.n_neurons)
     _need(0 <= msg.cached <= limits.n_neurons, f"{msg.KIND}.cached out of range")
 
 
@@ -239,11 +241,8 @@ class Forward(Message):
 
     def check(self, limits: Limits) -> None:
         _need(0 < len(self.request_id) <= 128, "forward.request_id must be 1 to 128 characters")
-        _need(0 < len(self.tokens) <= limits.max_tokens, "forward.tokens: 1 to max_tokens ids")
-        _need(
-            int(self.tokens.min()) >= 0 and int(self.tokens.max()) < limits.vocab_size,
-            f"forward.tokens must lie in [0, {limits.vocab_size})",
-        )
+        _need(len(self.tokens) > 0, "forward.tokens is empty")
+        _check_values(self.KIND, "tokens", self.tokens, limits.vocab_size, limits.max_tokens)
         _need(0 <= self.max_len <= limits.max_tokens, "forward.max_len out of range")
 
 
@@ -287,22 +286,9 @@ class Fill(Message):
 
     def check(self, limits: Limits) -> None:
         _check_layer(self.KIND, self.layer, limits)
-        _need(len(self.sizes) <= 64, "fill.sizes has more than 64 entries")
-        _need(
-            len(self.neurons) <= len(self.sizes) * limits.n_neurons,
-            "fill.neurons is longer than its sets can be",
-        )
-        if len(self.neurons):
-            _need(
-                int(self.neurons.min()) >= 0 and int(self.neurons.max()) < limits.n_neurons,
-                f"fill.neurons must lie in [0, {limits.n_neurons})",
-            )
-        _need(
-            len(self.sizes) <= 64
-            and int(self.sizes.sum()) == len(self.neurons)
-            and (len(self.sizes) == 0 or int(self.sizes.min()) >= 0),
-            "fill.sizes must be at most 64 non-negative lengths adding up to len(neurons)",
-        )
+        _check_values(self.KIND, "sizes", self.sizes, limits.n_neurons + 1, 64)
+        _need(int(self.sizes.sum()) == len(self.neurons), "fill.sizes must add up to len(neurons)")
+        _check_values(self.KIND, "neurons", self.neurons, limits.n_neurons, 64 * limits.n_neurons)
 
 
 @dataclass(frozen=True)

@@ -331,7 +331,7 @@ class FlashFFN:
         self.reader.read(self.reader.chunked(offset, self.scratch.view(-1)), read)
         out, sets = prefill_ffn(
             x.to(self.layout.dtype),
-            self._layer_weights(layer, self.scratch),
+            layer_weights(self.layout, self.scratch, self.biases[layer]),
             self.act,
             self.activity[layer],
             cache.window,
@@ -344,18 +344,6 @@ class FlashFFN:
         self.telemetry.layers.append(stats)
         return out.to(self.dtype)
 
-    def _layer_weights(self, layer: int, records: torch.Tensor) -> FFNWeights:
-        """A whole layer's records as FFN matrices (views), with its resident biases."""
-        parts, b = self.layout.unpack(records), self.biases[layer]
-        return FFNWeights(
-            up=parts["up"],
-            down=parts["down"],
-            gate=parts.get("gate"),
-            up_bias=b["up_bias"],
-            gate_bias=b["gate_bias"],
-            down_bias=b["down_bias"],
-        )
-
     def _whole_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         stats = LayerStats(layer)
         read = ReadStats()
@@ -364,7 +352,7 @@ class FlashFFN:
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
-        w = self._layer_weights(layer, self.staging)
+        w = layer_weights(self.layout, self.staging, self.biases[layer])
         return ffn_forward(x.to(self.layout.dtype), w, self.act).to(self.dtype)
 
     def _active(self, x: torch.Tensor, layer: int) -> np.ndarray:
@@ -437,6 +425,12 @@ class FlashFFN:
             (cache.rows, cache.cached),
             (self.scratch, plan.overflow),
         ).to(self.dtype)
+
+
+def layer_weights(layout, records: torch.Tensor, biases: dict) -> FFNWeights:
+    """A whole layer's records as FFN matrices (views), with its resident biases."""
+    parts = layout.unpack(records)
+    return FFNWeights(parts["up"], parts["down"], parts.get("gate"), **biases)
 
 
 def bundle_reads(

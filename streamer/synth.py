@@ -171,7 +171,7 @@ def _meta_model(hf: dict[str, Any]):
     return config, model
 
 
-def _role(family: str, name: str) -> str:
+def _role(name: str) -> str:
     """What a tensor is, from its Hugging Face name."""
     base = name.rsplit(".", 1)[0]
     kind = name.rsplit(".", 1)[1]
@@ -228,7 +228,7 @@ class WeightMaker:
         return p * (self.active / p.mean())
 
     def make(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        role = _role(self.family, name)
+        role = _role(name)
         g, d, n = self._gen(name), self.d, self.n
 
         def normal(std: float) -> torch.Tensor:

@@ -42,10 +42,10 @@ from protocol.messages import (
     Reset,
     RowsReady,
 )
-from streamer.engine import load_resident, prefill_ffn, sparse_ffn
+from streamer.engine import layer_weights, load_resident, prefill_ffn, sparse_ffn
 from streamer.errors import StreamerError
 from streamer.layout import ConvertedModel, parse_dtype
-from streamer.model import ACTIVATION_FNS, FFNWeights, Transformer
+from streamer.model import ACTIVATION_FNS, Transformer
 from streamer.predictor import META_FILE
 from streamer.shared import SharedRows
 from streamer.window import WindowCache
@@ -70,6 +70,20 @@ STEP_KEYS = (
 )
 
 
+# What the predictor and prefetch report in `rows_ready.stats`, summed per step.
+PASSED_ON = (
+    "predict_ms",
+    "prefetch_ms",
+    "mem_ms",
+    "predicted",
+    "hits",
+    "loaded",
+    "evicted",
+    "overflow",
+    "copied",
+)
+
+
 class StageFailed(StreamerError):
     """Another stage died or stopped answering while this sequence needed it."""
 
@@ -77,16 +91,25 @@ class StageFailed(StreamerError):
 class PipelineFFN:
     """The model's `ffn(x, layer)` for the compute stage (runs on the model thread)."""
 
-    def __init__(self, spec: StageSpec, model: ConvertedModel, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        spec: StageSpec,
+        model: ConvertedModel,
+        dtype: torch.dtype,
+        resident: dict[str, torch.Tensor],
+    ) -> None:
         cfg, lay = model.config, model.layout
         self.spec, self.cfg, self.layout, self.dtype = spec, cfg, lay, dtype
         self.act = ACTIVATION_FNS[cfg.activation]
         self.shm = SharedRows(spec.shm_path, spec.layout)
         meta = json.loads((model.directory / META_FILE).read_text())
         self.activity: list[float] = meta["activity"]
-        res = load_resident(model, lay.dtype, [n for n in model.resident_names() if ".ffn." in n])
+        # The FFN math runs in the stored dtype, as in the single-process engine.
         self.biases = [
-            {k: res.get(f"layers.{i}.ffn.{k}") for k in ("up_bias", "gate_bias", "down_bias")}
+            {
+                k: None if (t := resident.get(f"layers.{i}.ffn.{k}")) is None else t.to(lay.dtype)
+                for k in ("up_bias", "gate_bias", "down_bias")
+            }
             for i in range(cfg.n_layers)
         ]
         self.ctx = zmq.Context()
@@ -175,11 +198,8 @@ class PipelineFFN:
         s["bytes_read"] += msg.bytes_read
         s["reads"] += msg.reads
         s["io_ms"] += msg.io_ms
-        for k in ("predict_ms", "prefetch_ms", "mem_ms", "predicted", "hits", "loaded"):
+        for k in PASSED_ON:
             s[k] += ps.get(k, 0)
-        s["evicted"] += ps.get("evicted", 0)
-        s["overflow"] += ps.get("overflow", 0)
-        s["copied"] += ps.get("copied", 0)
         s["cached"] += msg.cached
         ids = self.shm.ids[layer, : msg.cached].copy()
         overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.layout.scratch_base]
@@ -207,8 +227,7 @@ class PipelineFFN:
         self.stats["reads"] += msg.reads
         self.stats["io_ms"] += msg.io_ms
         staged = self.shm.stage(layer % 2)
-        parts, b = self.layout.unpack(staged), self.biases[layer]
-        w = FFNWeights(parts["up"], parts["down"], parts.get("gate"), **b)
+        w = layer_weights(self.layout, staged, self.biases[layer])
         out, sets = prefill_ffn(x, w, self.act, self.activity[layer], self.spec.window)
         t0 = time.perf_counter()
         lay = self.spec.layout
@@ -235,8 +254,8 @@ class ComputeStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
         self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.layout.dtype
-        self.ffn = PipelineFFN(spec, model, self.dtype)
         resident = load_resident(model, self.dtype)
+        self.ffn = PipelineFFN(spec, model, self.dtype, resident)
         self.model = Transformer(model.config, resident, self.ffn, self.dtype)
         self.cache = None
         self.request_id = ""
