@@ -24,15 +24,16 @@ from tqdm import tqdm
 
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel, parse_dtype
-from streamer.model import DenseFFN, Transformer, ffn_forward
+from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forward
 from streamer.predictor import (
+    LowRankPredictor,
     Predictors,
     parse_ranks,
     pick_threshold,
     recall_precision,
     train_predictor,
 )
-from streamer.sources import load_dense
+from streamer.sources import LayerWeights
 
 
 def shipped_text(name: str) -> str:
@@ -50,6 +51,8 @@ class CalibrationSettings:
     max_tokens: int = 8192
     chunk: int = 256  # tokens per sequence while recording
     seed: int = 0
+    batch: int = 256  # predictor training: samples per step
+    lr: float = 3e-3  # Adam's, decayed to 0 by the last epoch
     dtype: str = "float32"  # the dense model's while recording (predictors train in float32)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,10 @@ class CalibrationSettings:
             raise ConfigError(f"--recall must be in (0, 1], got {self.target_recall}")
         if self.epochs < 1 or self.max_tokens < 16 or self.chunk < 2:
             raise ConfigError("--epochs must be >= 1 and --max-tokens >= 16")
+        if self.batch < 1 or not 0 < self.lr < 1:
+            raise ConfigError(
+                f"--batch must be >= 1 and --lr in (0, 1), got {self.batch}, {self.lr}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
@@ -116,9 +123,13 @@ def perplexity(model: Transformer, tokens: list[int], chunk: int = 512) -> tuple
     run_tokens(model, tokens, chunk, score)
     if total[1] == 0:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
-    mean = total[0] / total[1]
+    return _perplexity(total[0], total[1]), total[1]
+
+
+def _perplexity(nll: float, count: int) -> float:
+    mean = nll / count
     # A random model (the benchmark's synthetic ones) can be sure and wrong: exp overflows.
-    return (math.exp(mean) if mean < 700 else math.inf), total[1]
+    return math.exp(mean) if mean < 700 else math.inf
 
 
 def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
@@ -132,24 +143,60 @@ def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
     return ids[:limit]
 
 
-def _record(model: Transformer, dense: DenseFFN, tokens: list[int], chunk: int):
-    """Each layer's FFN inputs [N, d] and activation magnitudes [N, n] over `tokens`."""
-    xs: list[list[torch.Tensor]] = [[] for _ in range(model.cfg.n_layers)]
-    hs: list[list[torch.Tensor]] = [[] for _ in range(model.cfg.n_layers)]
+def _chunks(tokens: list[int], chunk: int) -> list[list[int]]:
+    seqs = [tokens[i : i + chunk] for i in range(0, len(tokens), chunk)]
+    return [s for s in seqs if len(s) >= 2]
+
+
+class LayerRun:
+    """Sequences taken through the model one layer at a time, all of them per layer, so that
+    one layer's weights are in DRAM at a time (a 7B model calibrates in a few GB)."""
+
+    def __init__(self, model: Transformer, seqs: list[list[int]]) -> None:
+        self.model, self.seqs = model, seqs
+        cfg = model.cfg
+        self.caches = [KVCache.one_layer(cfg, len(s), model.dtype) for s in seqs]
+        self.pos = [torch.arange(len(s)) for s in seqs]
+        with torch.no_grad():
+            self.x = [model.embed(torch.tensor(s), p) for s, p in zip(seqs, self.pos, strict=True)]
+
+    @torch.no_grad()
+    def layer(self, i: int, ffn: MaskedFFN) -> None:
+        self.model.ffn = ffn
+        for j, (cache, pos) in enumerate(zip(self.caches, self.pos, strict=True)):
+            self.x[j] = self.model.block(self.x[j], i, cache, pos)
+
+    @torch.no_grad()
+    def perplexity(self) -> tuple[float, int]:
+        """exp(mean negative log-likelihood) of each token given the ones before it."""
+        nll, count = 0.0, 0
+        for x, seq in zip(self.x, self.seqs, strict=True):
+            logp = torch.log_softmax(self.model.head(x)[:-1].float(), dim=-1)
+            nll -= logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
+            count += len(seq) - 1
+        return _perplexity(nll, count), count
+
+
+def _recorded(run: LayerRun, i: int, dense: DenseFFN, mask=None):
+    """Run layer i; its FFN inputs [N, d] (float32) and activation magnitudes [N, n]."""
+    xs: list[torch.Tensor] = []
+    hs: list[torch.Tensor] = []
 
     def record(layer: int, x: torch.Tensor, h: torch.Tensor) -> None:
-        xs[layer].append(x.float().clone())
-        hs[layer].append(h.abs().to(torch.float16))
+        xs.append(x.float())
+        hs.append(h.abs().to(torch.float16))
 
-    model.ffn = MaskedFFN(dense, record=record)
-    run_tokens(model, tokens, chunk)
-    model.ffn = dense
-    return [torch.cat(x) for x in xs], [torch.cat(h) for h in hs]
+    run.layer(i, MaskedFFN(dense, mask=mask, record=record))
+    return torch.cat(xs), torch.cat(hs)
 
 
 def calibrate(
     directory: Path, settings: CalibrationSettings, progress: bool = True
 ) -> dict[str, Any]:
+    """Layer by layer: record the calibration text's FFN inputs and activations, train the
+    layer's predictor and the previous layer's look-ahead predictor, drop the recordings, and
+    take three copies of the held-out text through the layer (dense, with the true active set,
+    with the predicted one) for the quality report."""
     t_start = time.perf_counter()
     source = ConvertedModel(directory)
     cfg = source.config
@@ -163,80 +210,105 @@ def calibrate(
             f"calibration text too short ({len(train_tokens)} tokens; held-out "
             f"{len(held_tokens)}): give at least 64 and 16"
         )
-    model = load_dense(source, parse_dtype(settings.dtype))
-    dense = model.ffn
-    assert isinstance(dense, DenseFFN)
+    dtype = parse_dtype(settings.dtype)
+    model = Transformer(cfg, LayerWeights(source, dtype), None, dtype)  # type: ignore[arg-type]
+    train = LayerRun(model, _chunks(train_tokens, min(settings.chunk, cfg.max_positions)))
+    held_seqs = _chunks(held_tokens, min(512, cfg.max_positions))
+    runs = {name: LayerRun(model, held_seqs) for name in ("dense", "oracle", "predictor")}
     # ReLU (plain or gated) zeroes neurons exactly: "active" is output != 0, nothing to choose.
     relu = cfg.activation == "relu"
-
-    xs, hs = _record(model, dense, train_tokens, settings.chunk)
-    if relu:
-        activity = [0.0] * cfg.n_layers  # a ReLU neuron is active when its output is > 0
-    else:
-        activity = [float(np.quantile(h.float().numpy(), settings.sparsity)) for h in hs]
-    ys = [h.float() > a for h, a in zip(hs, activity, strict=True)]
     n_val = max(len(train_tokens) // 10, 8)
-    layers, thresholds, look, look_thr = [], [], [], []
-    bar = tqdm(total=2 * cfg.n_layers - 1, desc="calibrate", unit="predictor", disable=not progress)
+    layers: list[LowRankPredictor] = []
+    look: list[LowRankPredictor | None] = []
+    thresholds: list[float] = []
+    look_thr: list[float] = []
+    activity: list[float] = []
+    per_layer: list[dict[str, Any]] = []
+
+    def fit(x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, i: int):
+        p = train_predictor(
+            x[:-n_val],
+            y[:-n_val],
+            ranks[i],
+            settings.epochs,
+            settings.batch,
+            settings.lr,
+            seed=settings.seed + i,
+        )
+        with torch.no_grad():
+            probs = torch.sigmoid(p(x[-n_val:]))
+        return p, pick_threshold(probs, y[-n_val:], settings.target_recall, mass=h[-n_val:])
+
+    def quality(p: LowRankPredictor, thr: float, x: torch.Tensor, h: torch.Tensor, y):
+        with torch.no_grad():
+            pred = torch.sigmoid(p(x)) > thr
+        r, prec, m = recall_precision(pred, y, h)
+        return pred, round(r, 4), round(prec, 4), round(m, 4)
+
+    bar = tqdm(total=cfg.n_layers, desc="calibrate", unit="layer", disable=not progress)
+    prev_x = prev_hx = None
     for i in range(cfg.n_layers):
-        for target, out, thr in ((i, layers, thresholds), (i + 1, look, look_thr)):
-            if target == cfg.n_layers:
-                out.append(None)
-                thr.append(0.5)
-                continue
-            x, y = xs[i], ys[target]
-            p = train_predictor(
-                x[:-n_val], y[:-n_val], ranks[i], settings.epochs, seed=settings.seed + i
-            )
-            with torch.no_grad():
-                probs = torch.sigmoid(p(x[-n_val:]))
-            out.append(p)
-            thr.append(
-                pick_threshold(probs, y[-n_val:], settings.target_recall, mass=hs[target][-n_val:])
-            )
-            bar.update(1)
+        w = source.ffn(i)
+        ffns: list[FFNWeights | None] = [None] * cfg.n_layers
+        ffns[i] = FFNWeights(
+            **{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(w).items()}
+        )
+        dense = DenseFFN(ffns, cfg.activation)  # type: ignore[arg-type]
+
+        x, h = _recorded(train, i, dense)
+        activity.append(0.0 if relu else float(np.quantile(h.float().numpy(), settings.sparsity)))
+        y = h.float() > activity[i]
+        p, thr = fit(x, h, y, i)
+        layers.append(p)
+        thresholds.append(thr)
+        if prev_x is not None:
+            q, q_thr = fit(prev_x, h, y, i - 1)
+            look.append(q)
+            look_thr.append(q_thr)
+        prev_x = x
+        del h, y
+
+        hx, hh = _recorded(runs["dense"], i, dense)
+        hy = hh.float() > activity[i]
+        pred, r, prec, m = quality(p, thr, hx, hh, hy)
+        per_layer.append(
+            {
+                "layer": i,
+                "rank": ranks[i],
+                "active": round(hy.float().mean().item(), 4),
+                "predicted": round(pred.float().mean().item(), 4),
+                "recall": r,
+                "precision": prec,
+                "mass_recall": m,
+            }
+        )
+        if prev_hx is not None:
+            _, r, prec, m = quality(look[i - 1], look_thr[i - 1], prev_hx, hh, hy)  # type: ignore[arg-type]
+            row = per_layer[i - 1]
+            row["lookahead_recall"], row["lookahead_precision"] = r, prec
+            row["lookahead_mass_recall"] = m
+        prev_hx = hx
+        del hh, hy, pred
+
+        a, pl, t = activity[i], p, thr
+
+        def oracle(layer: int, x: torch.Tensor, h: torch.Tensor, a=a) -> torch.Tensor:
+            return (h.abs() > a).to(h.dtype)
+
+        def predicted(layer: int, x: torch.Tensor, h: torch.Tensor, pl=pl, t=t) -> torch.Tensor:
+            return (torch.sigmoid(pl(x.float())) > t).to(h.dtype)
+
+        runs["oracle"].layer(i, MaskedFFN(dense, mask=oracle))
+        runs["predictor"].layer(i, MaskedFFN(dense, mask=predicted))
+        bar.update(1)
     bar.close()
+    look.append(None)
+    look_thr.append(0.5)
     preds = Predictors(layers, thresholds, activity, look, look_thr)
-    del xs, ys, hs
-
-    # Held-out quality: recall and precision per layer, and perplexity three ways.
-    hx, hh = _record(model, dense, held_tokens, settings.chunk)
-    per_layer = []
-    for i in range(cfg.n_layers):
-        y = hh[i].float() > activity[i]
-        with torch.no_grad():
-            pred = torch.sigmoid(layers[i](hx[i])) > thresholds[i]
-        r, p, m = recall_precision(pred, y, hh[i])
-        row = {
-            "layer": i,
-            "rank": ranks[i],
-            "active": round(y.float().mean().item(), 4),
-            "predicted": round(pred.float().mean().item(), 4),
-            "recall": round(r, 4),
-            "precision": round(p, 4),
-            "mass_recall": round(m, 4),
-        }
-        if i + 1 < cfg.n_layers:
-            y_next = hh[i + 1].float() > activity[i + 1]
-            with torch.no_grad():
-                la = torch.sigmoid(look[i](hx[i])) > look_thr[i]
-            r, p, m = recall_precision(la, y_next, hh[i + 1])
-            row["lookahead_recall"], row["lookahead_precision"] = round(r, 4), round(p, 4)
-            row["lookahead_mass_recall"] = round(m, 4)
-        per_layer.append(row)
-    del hx, hh
-
-    def oracle(layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return (h.abs() > activity[layer]).to(h.dtype)
-
-    def predicted(layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return (torch.sigmoid(layers[layer](x.float())) > thresholds[layer]).to(h.dtype)
 
     ppl = {}
-    for name, mask in (("dense", None), ("oracle", oracle), ("predictor", predicted)):
-        model.ffn = MaskedFFN(dense, mask=mask)
-        ppl[name], n_tokens = perplexity(model, held_tokens)
+    for name, run in runs.items():
+        ppl[name], n_tokens = run.perplexity()
     preds.meta = {
         "sparsity": None if relu else settings.sparsity,
         "target_recall": settings.target_recall,

@@ -77,6 +77,17 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens whose keys and values are stored
 
+    @classmethod
+    def one_layer(cls, cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> KVCache:
+        """A cache that stores one layer at a time (every layer index views the same memory):
+        for running a sequence layer by layer, as calibration does."""
+        cache = cls.__new__(cls)
+        shape = (1, cfg.n_kv_heads, max_len, cfg.head_dim)
+        cache.k = torch.zeros(shape, dtype=dtype).expand(cfg.n_layers, -1, -1, -1)
+        cache.v = torch.zeros(shape, dtype=dtype).expand(cfg.n_layers, -1, -1, -1)
+        cache.max_len, cache.length = max_len, 0
+        return cache
+
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.head_dim
@@ -195,17 +206,24 @@ class Transformer:
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
             raise ConfigError(f"token ids must lie in [0, {cfg.vocab_size})")
         pos = torch.arange(cache.length, cache.length + T)
-        x = F.embedding(tokens, self.w["embed.weight"])
-        if "proj_in.weight" in self.w:
-            x = F.linear(x, self.w["proj_in.weight"])
-        if cfg.positions == "learned":
-            x = x + F.embedding(pos + cfg.position_offset, self.w["pos_embed.weight"])
+        x = self.embed(tokens, pos)
         for i in range(cfg.n_layers):
             x = self.block(x, i, cache, pos)
         cache.length += T
-        if last_only:
-            x = x[-1:]
-        if cfg.final_norm:
+        return self.head(x[-1:] if last_only else x)
+
+    def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # tokens, pos: [T] -> the residual stream [T, d]
+        x = F.embedding(tokens, self.w["embed.weight"])
+        if "proj_in.weight" in self.w:
+            x = F.linear(x, self.w["proj_in.weight"])
+        if self.cfg.positions == "learned":
+            x = x + F.embedding(pos + self.cfg.position_offset, self.w["pos_embed.weight"])
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, d] -> logits [T, vocab] in float32
+        if self.cfg.final_norm:
             x = self.norm(x, "final_norm")
         if "proj_out.weight" in self.w:
             x = F.linear(x, self.w["proj_out.weight"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,6 +97,40 @@ def load_dense(source: Source, dtype: torch.dtype = torch.float32) -> Transforme
             )
         )
     return Transformer(cfg, weights, DenseFFN(layers, cfg.activation), dtype)
+
+
+class LayerWeights(Mapping):
+    """The resident tensors of a source in `dtype`, holding the globals (embeddings, final norm,
+    head) and one layer's at a time: a model run layer by layer needs one layer in DRAM."""
+
+    def __init__(self, source: Source, dtype: torch.dtype) -> None:
+        self.source, self.dtype = source, dtype
+        self.names = source.resident_names()
+        self.known = set(self.names)
+        self.globals = {n: self._load(n) for n in self.names if not n.startswith("layers.")}
+        self.layer: str | None = None
+        self.held: dict[str, torch.Tensor] = {}
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self.source.resident(name).to(self.dtype)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.globals:
+            return self.globals[name]
+        if not name.startswith("layers.") or name not in self.known:
+            raise KeyError(name)
+        layer = name.split(".")[1]
+        if layer != self.layer:
+            prefix = f"layers.{layer}."
+            self.held = {n: self._load(n) for n in self.names if n.startswith(prefix)}
+            self.layer = layer
+        return self.held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 # --------------------------------------------------------------------------- Hugging Face

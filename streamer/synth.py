@@ -42,6 +42,12 @@ GB = 10**9
 # needed per token with a window of 5 about 0.24 of the active ones (measured with 32 layers at
 # --scale 16: 0.74% of 3.07%), the paper's ratio for OPT-6.7B (2.4% against 10%); 3.0 gave 0.06.
 CONTEXT = 1.0
+# Trained models' neurons are predictable from a low-rank view of their input (the paper's rank
+# 128 predictors); i.i.d. random weights are not, and no predictor learns them from any number of
+# tokens. So the projection that decides whether a neuron fires is mostly low-rank: rank d/64 (64
+# for d 4096), with NOISE of its standard deviation unstructured, which no predictor can see.
+RANK_DIV = 64
+NOISE = 0.15
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,16 @@ class WeightMaker:
         p = np.clip(p / p.mean() * self.active, 1e-4, 0.5)
         return p * (self.active / p.mean())
 
+    def structured(self, g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """[n, d] rows of norm about 1: sqrt(1 - NOISE²) of each row in a rank-d/RANK_DIV
+        subspace shared by the layer's neurons, NOISE² of its variance in no structure."""
+        n, d = shape
+        r = max(d // RANK_DIV, 4)
+        a = torch.randn(n, r, generator=g) / math.sqrt(r)
+        b = torch.randn(r, d, generator=g) / math.sqrt(d)
+        noise = torch.randn(n, d, generator=g) / math.sqrt(d)
+        return math.sqrt(1 - NOISE**2) * (a @ b) + NOISE * noise
+
     def make(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         role = _role(name)
         g, d, n = self._gen(name), self.d, self.n
@@ -258,6 +274,9 @@ class WeightMaker:
             t = normal(1 / math.sqrt(d))
         elif role == "o_weight":
             t = normal(self.context / math.sqrt(d))  # how much the context outweighs the token
+        elif role == ("gate_weight" if self.family == "llama" else "up_weight"):
+            # The projection whose sign decides activity: unit variance, mostly low-rank.
+            t = self.structured(g, shape)
         elif role in ("up_weight", "gate_weight"):
             t = normal(1 / math.sqrt(d))  # a unit-variance projection of the normalized input
         elif role == "down_weight":
@@ -382,39 +401,6 @@ def _write_tokenizer(out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
 
 
-class _LayerWeights(dict):
-    """The resident tensors of a Hugging Face source in float32, one layer's at a time."""
-
-    def __init__(self, source) -> None:
-        super().__init__()
-        self.source, self.layer = source, None
-        self.names = set(source.resident_names())
-
-    def _fetch(self, name: str) -> torch.Tensor | None:
-        if name not in self.names:
-            return None
-        layer = name.split(".")[1] if name.startswith("layers.") else None
-        if layer != self.layer:
-            self.clear()
-            self.layer = layer
-        if not super().__contains__(name):
-            super().__setitem__(name, self.source.resident(name).float())
-        return super().__getitem__(name)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._fetch(name)
-        if t is None:
-            raise KeyError(name)
-        return t
-
-    def get(self, name: str, default=None):
-        t = self._fetch(name)
-        return default if t is None else t
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-
 @torch.inference_mode()
 def measure(directory: Path, tokens: int, window: int, progress: bool = True) -> dict[str, Any]:
     """A forward pass over the shipped calibration text, one layer's weights in memory at a
@@ -426,7 +412,7 @@ def measure(directory: Path, tokens: int, window: int, progress: bool = True) ->
     from tqdm import tqdm
 
     from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
-    from streamer.sources import HFSource
+    from streamer.sources import HFSource, LayerWeights
     from streamer.tokenizer import TokenizerSpec
 
     source = HFSource(directory)
@@ -448,7 +434,7 @@ def measure(directory: Path, tokens: int, window: int, progress: bool = True) ->
         bar.update(1)
         return ffn_forward(x, w, act, record)
 
-    model = Transformer(cfg, _LayerWeights(source), ffn, torch.float32)
+    model = Transformer(cfg, LayerWeights(source, torch.float32), ffn, torch.float32)
     cache = KVCache(cfg, len(ids), torch.float32)
     model.forward(torch.tensor(ids), cache, last_only=True)
     bar.close()
