@@ -163,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
     p.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="training samples per step; smaller takes more, cheaper steps, which a large "
+        "model's predictors need (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="Adam's learning rate (default: %(default)s)"
+    )
+    p.add_argument(
         "--max-tokens",
         type=int,
         default=8192,
@@ -172,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="the dense model's dtype while recording: float32 (default) needs 4 bytes a weight "
-        "in DRAM, bfloat16 half (a 7B model: 13 GB instead of 27; fast on CPUs with AMX)",
+        help="the model's dtype while recording, one layer in DRAM at a time: float32 "
+        "(default), or bfloat16, fast on CPUs with AMX",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_threads(p)
@@ -334,6 +344,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="one process per read in flight, as fio's jobs (default: the engine's reader threads)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    p = sub.add_parser(
+        "bench",
+        help="the paper's Tables 2 and 3 on this machine, beside naive loading and a peer",
+        description="In one run at one DRAM budget, with cold reads: the disk probe; the "
+        "ablation rows naive, hybrid, predictor, window, all; the pipeline with overlap and "
+        "--serial; transformers + accelerate disk offload. Prints a Markdown table and writes "
+        "bench.json and bench.png under --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a converted, calibrated directory or 'default'")
+    p.add_argument("--dram-budget", default="50%", help="for every row (default: %(default)s)")
+    p.add_argument("--window", type=int, default=4, help="tokens in the window (default: 4)")
+    p.add_argument("--tokens", type=int, default=8, help="decoded tokens per row (default: 8)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="decoding time per row; it stops after the token that passes it (default: 60)",
+    )
+    p.add_argument(
+        "--rows",
+        help="which rows, in order: naive,hybrid,predictor,window,all,pipeline,serial,"
+        "accelerate (default: all of them)",
+    )
+    p.add_argument(
+        "--hf",
+        type=Path,
+        help="the peer's Hugging Face directory (default: the one MODEL was converted from)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench"), help="output directory (./bench)")
+    p.add_argument("--concurrency", type=int, default=32, help="reads in flight (default: 32)")
+    p.add_argument("--probe-seconds", type=float, default=2.0, help="disk probe time (2)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_threads(p)
     return parser
 
 
@@ -400,6 +444,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         target_recall=args.recall,
         epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
         max_tokens=args.max_tokens,
         dtype=args.dtype,
     )
@@ -853,6 +899,27 @@ def _cmd_probe_disk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from streamer.bench import ROWS, BenchSettings, markdown, run_bench
+
+    _set_threads(args.threads)
+    settings = BenchSettings(
+        dram_budget=args.dram_budget,
+        window=args.window,
+        tokens=args.tokens,
+        max_seconds=args.max_seconds,
+        rows=tuple(r.strip() for r in args.rows.split(",")) if args.rows else ROWS,
+        hf=args.hf,
+        out=args.out,
+        concurrency=args.concurrency,
+        probe_seconds=args.probe_seconds,
+        threads=args.threads,
+    )
+    report = run_bench(_converted_dir(args.model), settings)
+    print(json.dumps(report, default=str) if args.json else markdown(report))
+    return 0
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from protocol.sockets import make_keys
 
@@ -868,6 +935,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "eval": _cmd_eval,
     "probe-disk": _cmd_probe_disk,
+    "bench": _cmd_bench,
     "keys": _cmd_keys,
     "serve": _cmd_serve,
     "synth": _cmd_synth,

@@ -78,9 +78,23 @@ def test_synth_convert_calibrate_generate_from_the_command_line(tmp_path):
     )
     assert report["sparsity"] > 0.9
     streamer("convert", str(tmp_path / "hf"), str(tmp_path / "m"))
-    streamer(
-        "calibrate", str(tmp_path / "m"), "--ranks", "16", "--epochs", "3", "--max-tokens", "512"
+    # synth writes the predictors' calibration text: random tokens of its vocabulary.
+    text = tmp_path / "hf" / "calibration.txt"
+    assert len(set(text.read_text().split())) > 500
+    calibration = streamer(
+        "calibrate",
+        str(tmp_path / "m"),
+        "--text",
+        str(text),
+        "--ranks",
+        "16",
+        "--epochs",
+        "3",
+        "--max-tokens",
+        "512",
+        "--json",
     )
+    assert json.loads(calibration)["calibration_tokens"] == 512
     out = json.loads(
         streamer(
             "generate",

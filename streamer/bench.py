@@ -1,0 +1,523 @@
+"""`streamer bench MODEL`: the paper's Tables 2 and 3 on this machine, in one run, on one model.
+
+With one DRAM budget (default 50% of the model) and cold reads, it measures in turn:
+1. the disk itself (`probe_disk`) at the model's bundle size and the engine's concurrency;
+2. the ablation rows `naive`, `hybrid`, `predictor`, `window`, `all` of the single-process engine
+   (Table 2: bytes read, reads, achieved read throughput per token; Table 3: I/O, memory
+   management and compute ms per token);
+3. the pipeline (`workers/`) with overlap and `--serial`;
+4. a peer users pick today: `transformers` + `accelerate` with disk offload at the same budget,
+   its files dropped from the page cache before each token;
+then the ratios of that one run. Output: a Markdown table (printed), `bench.json` and
+`bench.png` under `--out`. Each row decodes greedily from the same prompt for `--tokens` tokens
+or `--max-seconds`, whichever comes first, and reports per token the mean split (which adds up
+to the mean) and the median and range of the total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamer.errors import ConfigError
+
+ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
+PIPELINE_ROWS = ("pipeline", "serial")
+ROWS = (*ENGINE_ROWS, *PIPELINE_ROWS, "accelerate")
+PROMPT = "The history of the city begins with a small settlement on the river"
+# The paper's DRAM split for Falcon-7B [4]: fractions of the model.
+PAPER_SPLIT_FALCON = {
+    "embeddings": 0.042,
+    "attention": 0.194,
+    "predictors": 0.04,
+    "window": 0.253,
+    "total": 0.5293,
+}
+# Table 3, CPU: speed-up of all techniques over naive.
+PAPER_SPEEDUP = {"opt": 4.8, "falcon": 4.4}
+
+
+@dataclass
+class BenchSettings:
+    dram_budget: str = "50%"
+    window: int = 4
+    tokens: int = 8  # decoded tokens per row, at most
+    max_seconds: float = 60.0  # per row, decoding; a row stops after the token that passes it
+    rows: tuple[str, ...] = ROWS
+    hf: Path | None = None  # the peer's model: the Hugging Face directory converted from
+    out: Path = Path("bench")
+    concurrency: int = 32
+    probe_seconds: float = 2.0
+    prompt: str = PROMPT
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.rows if r not in ROWS]
+        if unknown or not self.rows:
+            raise ConfigError(f"--rows takes some of {', '.join(ROWS)}, got {unknown or 'none'}")
+        if self.tokens < 2 or self.max_seconds <= 0 or self.window < 1:
+            raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak (VmHWM) for this process: each row's own peak."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_kib(pid: int | str, key: str) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages (the pipeline's /dev/shm rows) counted once in all."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _storage_read_bytes() -> int:
+    """Bytes this process made the kernel fetch from storage (page faults on mapped files too)."""
+    with contextlib.suppress(OSError), open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def row_stats(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A row from per-token steps: means of every counter, median and range of the total."""
+    if not steps:
+        raise ConfigError(f"bench row {name}: no token was decoded")
+    skip = ("step", "tokens")
+    keys = [k for k, v in steps[0].items() if isinstance(v, int | float) and k not in skip]
+    row: dict[str, Any] = {"row": name, "tokens": len(steps)}
+    for k in keys:
+        row[k] = round(statistics.fmean(s[k] for s in steps), 3)
+    totals = [s["total_ms"] for s in steps]
+    row["median_ms"] = round(statistics.median(totals), 3)
+    row["min_ms"], row["max_ms"] = round(min(totals), 3), round(max(totals), 3)
+    io = row.get("io_ms", 0.0)
+    row["read_gb_per_s"] = round(row.get("bytes_read", 0) / io / 1e6, 3) if io > 0 else None
+    row.update(extra)
+    return row
+
+
+def _prompt_ids(directory: Path, prompt: str) -> list[int]:
+    from streamer.layout import ConvertedModel
+
+    spec = ConvertedModel(directory).tokenizer()
+    if spec is None:
+        raise ConfigError(f"{directory} has no tokenizer to encode the bench prompt")
+    ids = spec.build().encode(prompt)
+    if len(ids) < 2:
+        raise ConfigError("the bench prompt encodes to fewer than 2 tokens")
+    return ids
+
+
+def _decode(forward, prompt_ids: list[int], settings: BenchSettings, bar) -> list[int]:
+    """Greedy: the prompt, then tokens until --tokens or --max-seconds; the decoded ids."""
+    logits = forward(prompt_ids)
+    bar.update(1)
+    out: list[int] = []
+    t0 = time.perf_counter()
+    while len(out) < settings.tokens and time.perf_counter() - t0 < settings.max_seconds:
+        out.append(int(logits[-1].argmax()))
+        logits = forward([out[-1]])
+        bar.update(1)
+    return out
+
+
+def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettings, bar):
+    from streamer.engine import load_engine, rss_bytes
+
+    reset_peak_rss()
+    max_len = len(ids) + settings.tokens + 1
+    with load_engine(
+        directory,
+        mode=mode,
+        window=settings.window,
+        dram_budget=settings.dram_budget,
+        concurrency=settings.concurrency,
+        max_len=max_len,
+    ) as e:
+        cache = e.new_cache(max_len)
+
+        def forward(tokens: list[int]) -> torch.Tensor:
+            return e.forward(torch.tensor(tokens), cache, last_only=True)
+
+        out = _decode(forward, ids, settings, bar)
+        plan = e.plan
+        steps = [s for s in e.telemetry.steps[1:] if s["tokens"] == 1]
+        prefill = e.telemetry.steps[0]
+    memory = {
+        "peak_rss": rss_bytes(peak=True),
+        "planned": plan.total,
+        "overhead": plan.overhead,
+        "budget": plan.budget,
+    }
+    return row_stats(
+        mode, steps, token_ids=out, prefill_ms=prefill["total_ms"], memory=memory, plan=plan
+    )
+
+
+async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: Path, bar):
+    from protocol.messages import Token
+    from streamer.client import Client
+    from streamer.pipeline import Pipeline, PipelineConfig
+
+    run_dir.mkdir(mode=0o700)
+    config = PipelineConfig(
+        model=str(directory),
+        endpoint=f"ipc://{run_dir}/front.sock",
+        run_dir=str(run_dir),
+        window=settings.window,
+        dram_budget=settings.dram_budget,
+        concurrency=settings.concurrency,
+        serial=serial,
+        compute_threads=settings.threads,
+        context=len(ids) + settings.tokens + 2,
+    )
+    out: list[int] = []
+    async with Pipeline.launch(config) as p, Client(p.endpoint, timeout=600) as client:
+        t0 = None
+        async for event in client.generate(
+            # The first token comes from the prompt's step: as many decode steps as a row's.
+            prompt_ids=ids,
+            max_tokens=settings.tokens + 1,
+            temperature=0,
+            ignore_eos=True,
+        ):
+            if isinstance(event, Token):
+                out.append(event.token_id)
+                bar.update(1)
+                t0 = t0 or time.perf_counter()
+                if time.perf_counter() - t0 > settings.max_seconds:
+                    break  # cancels the request
+        assert p.engine is not None
+        steps = [s for s in p.engine.telemetry.steps[1:] if s["tokens"] == 1]
+        pids = [os.getpid(), *(st.proc.pid for st in p.stages.values() if st.proc is not None)]
+        memory = {"pss_at_end": sum(_pss(pid) for pid in pids), "processes": len(pids)}
+    return steps, out[: settings.tokens], memory
+
+
+def pipeline_row(directory: Path, serial: bool, ids: list[int], settings, bar) -> dict[str, Any]:
+    import tempfile
+
+    import anyio
+
+    with tempfile.TemporaryDirectory(prefix="streamer-bench-") as tmp:
+        steps, out, memory = anyio.run(
+            _pipeline_row, directory, serial, ids, settings, Path(tmp) / "run", bar
+        )
+    row = row_stats("serial" if serial else "pipeline", steps, token_ids=out, memory=memory)
+    # Latency over the larger of the two things that must happen: reading, and computing.
+    bound = max(row.get("io_ms", 0.0), row.get("compute_ms", 0.0))
+    row["overlap"] = round(row["total_ms"] / bound, 3) if bound > 0 else None
+    return row
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload: Path, bar):
+    """transformers + accelerate with disk offload: `device_map="auto"`, `max_memory` = the
+    budget, what does not fit in `offload_folder` (or read from the checkpoint itself); every
+    file it can read dropped from the page cache before each token."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ConfigError(f"the accelerate row needs transformers and accelerate ({e})") from None
+    reset_peak_rss()
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float16"
+    offload.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(offload),
+        dtype=getattr(torch, dtype),
+        low_cpu_mem_usage=True,
+    )
+    load_s = time.perf_counter() - t0
+    placement: dict[str, int] = {}
+    for device in getattr(model, "hf_device_map", {}).values():
+        placement[str(device)] = placement.get(str(device), 0) + 1
+    files = [p for d in (hf_dir, offload) for p in d.rglob("*") if p.is_file()]
+    steps: list[dict[str, Any]] = []
+    past = None
+
+    def forward(tokens: list[int]) -> torch.Tensor:
+        nonlocal past
+        _drop_cache(files)
+        read0, t = _storage_read_bytes(), time.perf_counter()
+        with torch.inference_mode():
+            result = model(input_ids=torch.tensor([tokens]), past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        steps.append(
+            {
+                "tokens": len(tokens),
+                "bytes_read": _storage_read_bytes() - read0,
+                "total_ms": (time.perf_counter() - t) * 1e3,
+            }
+        )
+        return result.logits[0].float()
+
+    out = _decode(forward, ids, settings, bar)
+    memory = {"peak_rss": _status_kib("self", "VmHWM:"), "budget": budget}
+    return row_stats(
+        "accelerate",
+        steps[1:],
+        token_ids=out,
+        load_s=round(load_s, 1),
+        placement=placement,
+        memory=memory,
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def budget_split(directory: Path, plan) -> dict[str, float]:
+    """The DRAM budget as fractions of the model, as the paper gives it for Falcon-7B."""
+    from streamer.engine import safetensors_index
+    from streamer.layout import ConvertedModel
+
+    model = ConvertedModel(directory)
+    index = safetensors_index(model.directory / "resident.safetensors")
+    embed = sum(v[3] - v[2] for k, v in index.items() if not k.startswith("layers."))
+    m = plan.model_bytes
+    split = {
+        "embeddings": embed / m,
+        "attention": (plan.resident - embed) / m,
+        "predictors": plan.predictors / m,
+        "window": plan.caches / m,
+        "other": (plan.kv_cache + plan.staging) / m,
+    }
+    split["total"] = sum(split.values())
+    split["window_of_ffn"] = plan.cache_rows / model.config.d_ffn
+    return {k: round(v, 4) for k, v in split.items()}
+
+
+def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dict[str, Any]:
+    def per_token(name: str) -> float | None:
+        return rows[name]["median_ms"] if name in rows else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    all_ms = per_token("all")
+    io_eff = None
+    if "all" in rows and probe and rows["all"].get("read_gb_per_s"):
+        io_eff = round(rows["all"]["read_gb_per_s"] / probe["gb_per_s"], 3)
+    return {
+        "all_vs_naive": ratio(per_token("naive"), all_ms),
+        "all_vs_accelerate": ratio(per_token("accelerate"), all_ms),
+        "pipelined_vs_serial": ratio(per_token("serial"), per_token("pipeline")),
+        "io_efficiency": io_eff,
+        "overlap": rows.get("pipeline", {}).get("overlap"),
+    }
+
+
+def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from streamer.engine import parse_budget
+    from streamer.flash import probe_disk
+    from streamer.layout import ConvertedModel
+
+    try:
+        import matplotlib  # noqa: F401  (the chart, at the end: fail before the run, not after)
+    except ImportError:
+        raise ConfigError("bench needs matplotlib: pip install 'streamer[bench]'") from None
+    torch.set_num_threads(settings.threads)
+    model = ConvertedModel(directory)
+    cfg, lay = model.config, model.layout
+    model_bytes = model.manifest["resident"]["bytes"] + cfg.n_layers * cfg.d_ffn * lay.record_bytes
+    budget = parse_budget(settings.dram_budget, model_bytes)
+    if budget is None:
+        raise ConfigError("bench needs a DRAM budget (--dram-budget)")
+    hf = settings.hf or _source_dir(model)
+    if "accelerate" in settings.rows and hf is None:
+        raise ConfigError(
+            f"the accelerate row needs the Hugging Face directory {directory} was converted "
+            "from: give --hf DIR, or leave the row out with --rows"
+        )
+    ids = _prompt_ids(directory, settings.prompt)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "model": str(directory),
+        "family": cfg.family,
+        "model_bytes": model_bytes,
+        "dram_budget": budget,
+        "window": settings.window,
+        "prompt_tokens": len(ids),
+        "machine": machine(),
+        "settings": {k: str(v) for k, v in asdict(settings).items()},
+    }
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    say(f"bench {directory}: {model_bytes / 1e9:.2f} GB, budget {budget / 1e9:.2f} GB")
+    # The model's own bundle file, at random aligned offsets: the disk the rows read from.
+    probe = probe_disk(
+        model.ffn_path, [lay.stride], [settings.concurrency], seconds=settings.probe_seconds
+    )[0]
+    report["probe"] = probe
+    say(
+        f"probe: {probe['gb_per_s']:.3f} GB/s for {lay.stride // 1024} KiB reads, "
+        f"{settings.concurrency} in flight{'' if probe['direct'] else ' (buffered!)'}"
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    for name in settings.rows:
+        bar = tqdm(total=settings.tokens + 1, desc=f"{name:>10}", unit="tok", disable=not progress)
+        t0 = time.perf_counter()
+        if name in ENGINE_ROWS:
+            row = engine_row(directory, name, ids, settings, bar)
+            plan = row.pop("plan")
+            if name == "all":
+                report["budget_split"] = budget_split(directory, plan)
+        elif name in PIPELINE_ROWS:
+            row = pipeline_row(directory, name == "serial", ids, settings, bar)
+        else:
+            row = accelerate_row(hf, budget, ids, settings, settings.out / "offload", bar)
+        bar.close()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows[name] = row
+        say(f"{name}: {row['median_ms']:.1f} ms/token (median of {row['tokens']})")
+    report["rows"] = rows
+    report["ratios"] = ratios(rows, probe)
+    report["paper"] = {
+        "speedup_all_vs_naive_cpu": PAPER_SPEEDUP.get(cfg.family),
+        "falcon_7b_split": PAPER_SPLIT_FALCON,
+    }
+    (settings.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    chart(rows, settings.out / "bench.png", str(directory))
+    return report
+
+
+def _source_dir(model) -> Path | None:
+    description = model.manifest.get("source", {}).get("description", "")
+    prefix = "Hugging Face directory "
+    if description.startswith(prefix) and Path(description[len(prefix) :]).is_dir():
+        return Path(description[len(prefix) :])
+    return None
+
+
+def machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB DRAM, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    lines = [
+        f"`{report['model']}`: {report['model_bytes'] / 1e9:.2f} GB, DRAM budget "
+        f"{report['dram_budget'] / 1e9:.2f} GB, window {report['window']}; {report['machine']}",
+        f"disk probe: {report['probe']['gb_per_s']:.3f} GB/s for "
+        f"{report['probe']['chunk'] // 1024} KiB reads, {report['probe']['concurrency']} in flight",
+        "",
+        "| row | tokens | read/token | reads/token | GB/s read | I/O ms | mem ms | compute ms "
+        "| total ms (mean) | median [min-max] ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['tokens']} | {r.get('bytes_read', 0) / 1e9:.3f} GB | "
+            f"{_fmt(r.get('reads'), '.0f')} | {_fmt(r.get('read_gb_per_s'), '.2f')} | "
+            f"{_fmt(r.get('io_ms'))} | {_fmt(r.get('mem_ms'))} | {_fmt(r.get('compute_ms'))} | "
+            f"{r['total_ms']:.1f} | {r['median_ms']:.1f} [{r['min_ms']:.0f}-{r['max_ms']:.0f}] |"
+        )
+    lines += ["", "| ratio | measured |", "|---|---|"]
+    for k, v in report["ratios"].items():
+        lines.append(f"| {k} | {_fmt(v, '.3f')} |")
+    split = report.get("budget_split")
+    if split:
+        paper = report["paper"]["falcon_7b_split"]
+        lines += [
+            "",
+            "| DRAM split (of the model) | this run | paper, Falcon-7B |",
+            "|---|---|---|",
+        ]
+        for k in ("embeddings", "attention", "predictors", "window", "other", "total"):
+            lines.append(f"| {k} | {split[k]:.1%} | {_fmt(paper.get(k), '.1%')} |")
+        lines.append(f"| window, of the FFN | {split['window_of_ffn']:.1%} | 33% |")
+    return "\n".join(lines)
+
+
+def chart(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Table 3's split per row as stacked bars (ms per token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    parts = {
+        "I/O": [rows[n].get("io_ms", 0.0) for n in names],
+        "memory management": [rows[n].get("mem_ms", 0.0) for n in names],
+        "compute": [rows[n].get("compute_ms", rows[n]["total_ms"]) for n in names],
+    }
+    # The peer reports only its total; the pipeline's I/O overlaps compute (its wait is what
+    # shows): draw what each row's total is made of without overlap double counting.
+    for i, n in enumerate(names):
+        if n in PIPELINE_ROWS:
+            parts["I/O"][i] = rows[n].get("wait_ms", 0.0)
+            parts["memory management"][i] = 0.0
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    left = [0.0] * len(names)
+    for label, values in parts.items():
+        ax.barh(names, values, left=left, label=label)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per token (mean)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
