@@ -81,7 +81,16 @@ def train_predictor(
     does not learn to predict "nothing active"."""
     torch.manual_seed(seed)
     n_samples, d = x.shape
+    # Trained on standardized inputs, folded back into the weights at the end. A deep layer's
+    # input is mostly a direction shared by all tokens (each layer adds to the residual stream
+    # what attention averages over the context) and varies little around it, which gradient
+    # descent on the raw input hardly sees.
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
     pred = LowRankPredictor(d, rank, y.shape[1])
+    with torch.no_grad():  # start from each neuron's base rate
+        rate = y.float().mean(0).clamp(1e-4, 1 - 1e-4)
+        pred.up.bias.copy_(torch.log(rate / (1 - rate)))
     p = y.float().mean().clamp(1e-4, 1 - 1e-4).item()
     pos_weight = torch.tensor(min(max((1 - p) / p, 1.0), 50.0))
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
@@ -98,6 +107,9 @@ def train_predictor(
             opt.zero_grad()
             loss.backward()
             opt.step()
+    with torch.no_grad():  # down((x - mean) / std) = (down / std)(x) - (down / std)(mean)
+        pred.down.weight.div_(std)
+        pred.up.bias.sub_(pred.up.weight @ (pred.down.weight @ mean))
     return pred.eval()
 
 
