@@ -49,6 +49,8 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
         "overlap",
     }
     assert all(v is not None and v > 0 for v in report["ratios"].values()), report["ratios"]
+    # I/O efficiency is against the disk at the all row's mean read: bundles, merged when adjacent.
+    assert report["probe_all"]["chunk"] >= report["probe"]["chunk"]
     b = {name: rows[name]["bytes_read"] for name in ROWS}
     assert b["window"] < b["predictor"] < b["naive"] and b["all"] < b["predictor"]
     # Bundling reads the same neurons as the window alone, in fewer, larger reads (and no
