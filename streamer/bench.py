@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -78,7 +79,7 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def _status_kib(pid: int | str, key: str) -> int:
+def _status_bytes(pid: int | str, key: str) -> int:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(key):
@@ -292,7 +293,7 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
         return result.logits[0].float()
 
     out = _decode(forward, ids, settings, bar)
-    memory = {"peak_rss": _status_kib("self", "VmHWM:"), "budget": budget}
+    memory = {"peak_rss": _status_bytes("self", "VmHWM:"), "budget": budget}
     return row_stats(
         "accelerate",
         steps[1:],
@@ -406,7 +407,11 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         elif name in PIPELINE_ROWS:
             row = pipeline_row(directory, name == "serial", ids, settings, bar)
         else:
-            row = accelerate_row(hf, budget, ids, settings, settings.out / "offload", bar)
+            offload = settings.out / "offload"
+            try:
+                row = accelerate_row(hf, budget, ids, settings, offload, bar)
+            finally:  # scratch: what accelerate wrote (nothing, for a safetensors checkpoint)
+                shutil.rmtree(offload, ignore_errors=True)
         bar.close()
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row

@@ -72,6 +72,7 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
 
     assert json.loads((out / "bench.json").read_text())["ratios"] == report["ratios"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "offload").exists()  # the peer's scratch is removed
     table = streamer("bench", str(conv), "--out", str(out), "--rows", "all", *args.split()[:-1])
     assert "| all | 3 |" in table and "| all_vs_naive | - |" in table
 
