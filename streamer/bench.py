@@ -79,14 +79,6 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def _status_bytes(pid: int | str, key: str) -> int:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _pss(pid: int) -> int:
     """Proportional set size: shared pages (the pipeline's /dev/shm rows) counted once in all."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
@@ -255,6 +247,8 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise ConfigError(f"the accelerate row needs transformers and accelerate ({e})") from None
+    from streamer.engine import rss_bytes
+
     reset_peak_rss()
     hf_config = json.loads((hf_dir / "config.json").read_text())
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float16"
@@ -293,7 +287,7 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
         return result.logits[0].float()
 
     out = _decode(forward, ids, settings, bar)
-    memory = {"peak_rss": _status_bytes("self", "VmHWM:"), "budget": budget}
+    memory = {"peak_rss": rss_bytes(peak=True), "budget": budget}
     return row_stats(
         "accelerate",
         steps[1:],
@@ -362,7 +356,7 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
     torch.set_num_threads(settings.threads)
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
-    model_bytes = model.manifest["resident"]["bytes"] + cfg.n_layers * cfg.d_ffn * lay.record_bytes
+    model_bytes = model.model_bytes
     budget = parse_budget(settings.dram_budget, model_bytes)
     if budget is None:
         raise ConfigError("bench needs a DRAM budget (--dram-budget)")

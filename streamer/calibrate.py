@@ -116,14 +116,19 @@ def perplexity(model: Transformer, tokens: list[int], chunk: int = 512) -> tuple
     total = [0.0, 0]
 
     def score(logits: torch.Tensor, seq: list[int]) -> None:
-        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-        total[0] -= logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
+        total[0] += _nll(logits, seq)
         total[1] += len(seq) - 1
 
     run_tokens(model, tokens, chunk, score)
     if total[1] == 0:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
     return _perplexity(total[0], total[1]), total[1]
+
+
+def _nll(logits: torch.Tensor, seq: list[int]) -> float:
+    """The negative log-likelihood of seq[1:] under logits [T, vocab] of seq."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return -logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
 
 
 def _perplexity(nll: float, count: int) -> float:
@@ -171,8 +176,7 @@ class LayerRun:
         """exp(mean negative log-likelihood) of each token given the ones before it."""
         nll, count = 0.0, 0
         for x, seq in zip(self.x, self.seqs, strict=True):
-            logp = torch.log_softmax(self.model.head(x)[:-1].float(), dim=-1)
-            nll -= logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
+            nll += _nll(self.model.head(x), seq)
             count += len(seq) - 1
         return _perplexity(nll, count), count
 
@@ -250,9 +254,7 @@ def calibrate(
     for i in range(cfg.n_layers):
         w = source.ffn(i)
         ffns: list[FFNWeights | None] = [None] * cfg.n_layers
-        ffns[i] = FFNWeights(
-            **{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(w).items()}
-        )
+        ffns[i] = w.to(dtype)
         dense = DenseFFN(ffns, cfg.activation)  # type: ignore[arg-type]
 
         x, h = _recorded(train, i, dense)

@@ -635,8 +635,7 @@ def load_engine(
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
     compute = parse_dtype(dtype) if dtype else (torch.float32 if mode == "dense" else lay.dtype)
-    resident_disk = model.manifest["resident"]["bytes"]
-    model_bytes = resident_disk + cfg.n_layers * cfg.d_ffn * lay.record_bytes
+    model_bytes = model.model_bytes
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":
         return dense_engine(model, compute, max_len, budget, model_bytes, overhead)

@@ -193,6 +193,9 @@ class ConvertedModel:
                     "`streamer verify`)"
                 )
         self.ffn_path = self.directory / FFN_FILE
+        # What a DRAM budget's percentage is of: the weights, without the bundles' padding.
+        ffn_bytes = self.config.n_layers * self.config.d_ffn * self.layout.record_bytes
+        self.model_bytes = m["resident"]["bytes"] + ffn_bytes
         self.description = f"converted model {self.directory}"
         self._resident = None
 

@@ -42,6 +42,12 @@ class FFNWeights:
     gate_bias: torch.Tensor | None = None  # [n_ffn]
     down_bias: torch.Tensor | None = None  # [d]
 
+    def to(self, dtype: torch.dtype) -> FFNWeights:
+        """Every tensor in `dtype`, contiguous (the stored rows are views of bundle records)."""
+        return FFNWeights(
+            **{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(self).items()}
+        )
+
 
 def ffn_forward(
     x: torch.Tensor, w: FFNWeights, act: Callable, on_activations: Callable | None = None

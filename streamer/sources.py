@@ -88,14 +88,7 @@ def load_dense(source: Source, dtype: torch.dtype = torch.float32) -> Transforme
     """Every weight in DRAM: the reference path."""
     cfg = source.config
     weights = {n: source.resident(n).to(dtype) for n in source.resident_names()}
-    layers = []
-    for i in range(cfg.n_layers):
-        w = source.ffn(i)
-        layers.append(
-            FFNWeights(
-                **{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(w).items()}
-            )
-        )
+    layers = [source.ffn(i).to(dtype) for i in range(cfg.n_layers)]
     return Transformer(cfg, weights, DenseFFN(layers, cfg.activation), dtype)
 
 

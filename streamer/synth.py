@@ -434,7 +434,7 @@ def measure(directory: Path, tokens: int, window: int, progress: bool = True) ->
 
     def ffn(x: torch.Tensor, layer: int) -> torch.Tensor:
         w = source.ffn(layer)
-        w = type(w)(**{k: None if v is None else v.float() for k, v in vars(w).items()})
+        w = w.to(torch.float32)
 
         def record(h: torch.Tensor) -> torch.Tensor:
             active.append(h != 0)

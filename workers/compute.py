@@ -52,24 +52,6 @@ from streamer.window import WindowCache
 from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
 WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health catches it first)
-STEP_KEYS = (
-    "bytes_read",
-    "reads",
-    "io_ms",
-    "wait_ms",
-    "predict_ms",
-    "prefetch_ms",
-    "mem_ms",
-    "predicted",
-    "hits",
-    "loaded",
-    "evicted",
-    "overflow",
-    "cached",
-    "copied",
-)
-
-
 # What the predictor and prefetch report in `rows_ready.stats`, summed per step.
 PASSED_ON = (
     "predict_ms",
@@ -82,6 +64,8 @@ PASSED_ON = (
     "overflow",
     "copied",
 )
+# A step's counters: compute's own, then what the other stages passed on.
+STEP_KEYS = ("bytes_read", "reads", "io_ms", "wait_ms", "cached", *PASSED_ON)
 
 
 class StageFailed(StreamerError):
