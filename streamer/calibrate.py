@@ -2,10 +2,12 @@
 
 Runs the dense model over calibration text, records each layer's FFN input and activations,
 defines "active" (ReLU: output > 0; SwiGLU: |silu(gate·x)·(up·x)| above a per-layer threshold set
-for the target sparsity, magnitude thresholding as in CATS/TEAL), trains a low-rank predictor
-and a look-ahead predictor per layer, picks each threshold on a validation split for a target
-recall, and reports recall, precision and perplexity (dense, sparse with the true active set,
-sparse with the predictor) on held-out text. Everything is saved beside the converted model.
+for the target sparsity, magnitude thresholding as in CATS/TEAL), fits a low-rank predictor
+and a look-ahead predictor per layer (ReLU models: in closed form, by reduced-rank regression on
+the firing pre-activations; SwiGLU: by gradient descent on binary cross-entropy), picks each
+threshold on a validation split for a target recall, and reports recall, precision and
+perplexity (dense, sparse with the true active set, sparse with the predictor) on held-out text.
+Everything is saved beside the converted model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forwa
 from streamer.predictor import (
     LowRankPredictor,
     Predictors,
+    fit_lowrank,
     parse_ranks,
     pick_threshold,
     recall_precision,
@@ -54,6 +57,7 @@ class CalibrationSettings:
     batch: int = 256  # predictor training: samples per step
     lr: float = 3e-3  # Adam's, decayed to 0 by the last epoch
     dtype: str = "float32"  # the dense model's while recording (predictors train in float32)
+    fit: str = "auto"  # lowrank (closed form), sgd (gradient descent), auto: lowrank for ReLU
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -66,6 +70,8 @@ class CalibrationSettings:
             raise ConfigError(
                 f"--batch must be >= 1 and --lr in (0, 1), got {self.batch}, {self.lr}"
             )
+        if self.fit not in ("auto", "lowrank", "sgd"):
+            raise ConfigError(f"--fit must be auto, lowrank or sgd, got {self.fit}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
@@ -194,6 +200,17 @@ def _recorded(run: LayerRun, i: int, dense: DenseFFN, mask=None):
     return torch.cat(xs), torch.cat(hs)
 
 
+def _score(x: torch.Tensor, h: torch.Tensor, w: FFNWeights, relu: bool):
+    """The score [N, n] a closed-form predictor fits, with its exact coefficients [d, n] when
+    it has them: a ReLU layer's firing pre-activation (the gate's, if gated) is x·Wᵀ + b
+    exactly; otherwise the activation magnitude, which no linear map gives exactly."""
+    if not relu:
+        return h.float(), None
+    weight, bias = (w.up, w.up_bias) if w.gate is None else (w.gate, w.gate_bias)
+    weight = weight.float()
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.float()), weight.T
+
+
 def calibrate(
     directory: Path, settings: CalibrationSettings, progress: bool = True
 ) -> dict[str, Any]:
@@ -229,16 +246,21 @@ def calibrate(
     activity: list[float] = []
     per_layer: list[dict[str, Any]] = []
 
-    def fit(x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, i: int):
-        p = train_predictor(
-            x[:-n_val],
-            y[:-n_val],
-            ranks[i],
-            settings.epochs,
-            settings.batch,
-            settings.lr,
-            seed=settings.seed + i,
-        )
+    lowrank = settings.fit == "lowrank" or (settings.fit == "auto" and relu)
+
+    def fit(x, h, y, z, i: int, coef=None):
+        if lowrank:
+            p = fit_lowrank(x[:-n_val], z[:-n_val], ranks[i], 0.0 if relu else activity[i], coef)
+        else:
+            p = train_predictor(
+                x[:-n_val],
+                y[:-n_val],
+                ranks[i],
+                settings.epochs,
+                settings.batch,
+                settings.lr,
+                seed=settings.seed + i,
+            )
         with torch.no_grad():
             probs = torch.sigmoid(p(x[-n_val:]))
         return p, pick_threshold(probs, y[-n_val:], settings.target_recall, mass=h[-n_val:])
@@ -260,15 +282,16 @@ def calibrate(
         x, h = _recorded(train, i, dense)
         activity.append(0.0 if relu else float(np.quantile(h.float().numpy(), settings.sparsity)))
         y = h.float() > activity[i]
-        p, thr = fit(x, h, y, i)
+        z, coef = _score(x, h, w, relu) if lowrank else (None, None)
+        p, thr = fit(x, h, y, z, i, coef)
         layers.append(p)
         thresholds.append(thr)
         if prev_x is not None:
-            q, q_thr = fit(prev_x, h, y, i - 1)
+            q, q_thr = fit(prev_x, h, y, z, i - 1)
             look.append(q)
             look_thr.append(q_thr)
         prev_x = x
-        del h, y
+        del h, y, z
 
         hx, hh = _recorded(runs["dense"], i, dense)
         hy = hh.float() > activity[i]
@@ -285,8 +308,9 @@ def calibrate(
             }
         )
         if prev_hx is not None:
-            _, r, prec, m = quality(look[i - 1], look_thr[i - 1], prev_hx, hh, hy)  # type: ignore[arg-type]
+            ahead, r, prec, m = quality(look[i - 1], look_thr[i - 1], prev_hx, hh, hy)  # type: ignore[arg-type]
             row = per_layer[i - 1]
+            row["lookahead_predicted"] = round(ahead.float().mean().item(), 4)
             row["lookahead_recall"], row["lookahead_precision"] = r, prec
             row["lookahead_mass_recall"] = m
         prev_hx = hx
@@ -313,6 +337,7 @@ def calibrate(
         ppl[name], n_tokens = run.perplexity()
     preds.meta = {
         "sparsity": None if relu else settings.sparsity,
+        "fit": "lowrank" if lowrank else "sgd",
         "target_recall": settings.target_recall,
         "calibration_tokens": len(train_tokens),
         "heldout_tokens": n_tokens,

@@ -161,7 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="each layer's threshold keeps this fraction of the active neurons' "
         "activation mass on validation text (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    p.add_argument(
+        "--fit",
+        choices=("auto", "lowrank", "sgd"),
+        default="auto",
+        help="how predictors are fit: lowrank (closed-form reduced-rank regression on the "
+        "neurons' pre-activations), sgd (binary cross-entropy by gradient descent), auto: "
+        "lowrank for ReLU models, sgd for SwiGLU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=30, help="sgd training epochs (default: %(default)s)"
+    )
     p.add_argument(
         "--batch",
         type=int,
@@ -444,6 +454,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         target_recall=args.recall,
         epochs=args.epochs,
+        fit=args.fit,
         batch=args.batch,
         lr=args.lr,
         max_tokens=args.max_tokens,
@@ -462,6 +473,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ("recall", "recall", ".3f"),
         ("precision", "precision", ".3f"),
         ("mass rec", "mass_recall", ".3f"),
+        ("ahead pred", "lookahead_predicted", ".3f"),
         ("ahead rec", "lookahead_recall", ".3f"),
         ("ahead mass", "lookahead_mass_recall", ".3f"),
     ]

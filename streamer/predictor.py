@@ -1,7 +1,9 @@
 """Low-rank activation predictors: which FFN neurons a token will need, before reading them.
 
 Per layer, Linear(d, r) -> Linear(r, n_ffn) -> sigmoid on the FFN's input (the paper [3.1]);
-a neuron is predicted active when its probability exceeds the layer's threshold. A *look-ahead*
+a neuron is predicted active when its probability exceeds the layer's threshold. Two fits:
+`fit_lowrank`, closed-form reduced-rank regression on a linear score (a ReLU layer's firing
+pre-activation), and `train_predictor`, gradient descent on binary cross-entropy. A *look-ahead*
 predictor of the same shape reads layer l's FFN input and predicts layer l+1's active set, so the
 pipeline can fetch layer l+1 while layer l computes. `Predictors` holds both sets with their
 thresholds and is saved beside the converted model (`predictors.safetensors` +
@@ -110,6 +112,50 @@ def train_predictor(
     with torch.no_grad():  # down((x - mean) / std) = (down / std)(x) - (down / std)(mean)
         pred.down.weight.div_(std)
         pred.up.bias.sub_(pred.up.weight @ (pred.down.weight @ mean))
+    return pred.eval()
+
+
+def fit_lowrank(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    rank: int,
+    cut: float = 0.0,
+    coef: torch.Tensor | None = None,
+    ridge: float = 1e-3,
+) -> LowRankPredictor:
+    """Fit a predictor in closed form to a linear score: x [N, d] -> z [N, n], a neuron being
+    active when z > cut (a ReLU model's pre-activation, cut 0).
+
+    Reduced-rank regression: the least-squares map from x to z (`coef` [d, n] when z is known
+    to be exactly linear in x, as a layer's own pre-activation is) restricted to the `rank`
+    directions of z it explains best on this data. The logit is the predicted margin over each
+    neuron's residual spread, so sigmoid(logit) ≈ P(z > cut | x) under Gaussian residuals (the
+    logistic approximation of the normal CDF, factor 1.702)."""
+    x, z = x.float(), z.float()
+    mx, mz = x.mean(0), z.mean(0)
+    xc, zc = x - mx, z - mz
+    if coef is None:
+        gram = xc.T @ xc
+        gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
+        coef = torch.linalg.solve(gram, xc.T @ zc)  # [d, n]
+        fitted = xc @ coef  # [N, n]
+    else:
+        fitted = zc  # exactly xc @ coef
+    coef = coef.float()
+    rank = min(rank, *fitted.shape)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # svd_lowrank's random projection: the same fit every run
+    _, _, v = torch.svd_lowrank(fitted, q=rank, niter=4)  # v: [n, r]
+    torch.random.set_rng_state(gen_state)
+    del fitted
+    down = (coef @ v).T  # [r, d]
+    spread = (zc - (xc @ down.T) @ v.T).std(0).clamp_min(1e-6)  # [n]
+    scale = 1.702 / spread
+    pred = LowRankPredictor(x.shape[1], v.shape[1], z.shape[1])
+    with torch.no_grad():
+        pred.down.weight.copy_(down)
+        pred.up.weight.copy_(v * scale[:, None])
+        pred.up.bias.copy_(scale * (mz - v @ (down @ mx) - cut))
     return pred.eval()
 
 
