@@ -118,10 +118,11 @@ def decode(
     values: dict[str, Any] = {}
     used_frames: set[int] = set()
     for name, f in schema.items():
-        if name in cls.ARRAYS:
-            if name not in arrays:
-                raise ProtocolError(f"{kind}.{name} is missing")
+        if name in cls.ARRAYS and name in arrays:
             values[name] = _array(kind, name, arrays[name], cls.ARRAYS[name], views, used_frames)
+        elif name in cls.ARRAYS:
+            if f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{kind}.{name} is missing")
         elif name in plain:
             values[name] = _check_type(kind, name, str(f.type), plain[name])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -218,12 +218,29 @@ def _check_ids(kind: str, name: str, ids: np.ndarray, limits: Limits) -> None:
 
 
 def _check_rows(msg: Any, limits: Limits) -> None:
-    """Fetch and RowsReady: a layer, and neuron ids paired with shared-memory rows."""
+    """Fetch and RowsReady: a layer, neuron ids paired with rows, and the window's moves."""
     _check_layer(msg.KIND, msg.layer, limits)
     _need(msg.neurons.shape == msg.rows.shape, f"{msg.KIND}.neurons and .rows differ in length")
     _check_ids(msg.KIND, "neurons", msg.neurons, limits)
     _check_values(msg.KIND, "rows", msg.rows, limits.n_rows, limits.n_neurons)
     _need(0 <= msg.cached <= limits.n_neurons, f"{msg.KIND}.cached out of range")
+    _need(msg.moves.shape[1:] == (2,), f"{msg.KIND}.moves must have shape [k, 2]")
+    _check_values(msg.KIND, "moves", msg.moves.reshape(-1), limits.n_neurons, 2 * limits.n_neurons)
+
+
+def _check_data(kind: str, data: np.ndarray, rows: int, limits: Limits) -> None:
+    """Bundle rows sent as a frame (stages without shared memory): none, or one per row."""
+    if data.size:
+        _need(data.shape[0] == rows, f"{kind}.data must have one row per neuron ({rows})")
+        _need(data.shape[1] <= limits.row_bytes, f"{kind}.data rows exceed {limits.row_bytes} B")
+
+
+def _no_moves() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int64)
+
+
+def _no_data() -> np.ndarray:
+    return np.zeros((0, 0), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -310,16 +327,20 @@ class LayerReady(Message):
     """Prefetch -> compute: a LoadLayer is done."""
 
     KIND: ClassVar[str] = "layer_ready"
+    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {"data": (("uint8",), 2)}
     request_id: str
     layer: int
     slot: int
     bytes_read: int = 0
     reads: int = 0
     io_ms: float = 0.0
+    data: np.ndarray = field(default_factory=_no_data)  # the layer's rows, without shared memory
 
     def check(self, limits: Limits) -> None:
         _check_layer(self.KIND, self.layer, limits)
         _need(self.slot in (0, 1), "layer_ready.slot must be 0 or 1")
+        _check_data(self.KIND, self.data, len(self.data), limits)
+        _need(len(self.data) <= limits.n_neurons, "layer_ready.data has more rows than neurons")
 
 
 @dataclass(frozen=True)
@@ -346,6 +367,7 @@ class Fetch(Message):
     ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
         "neurons": (("int32", "int64"), 1),
         "rows": (("int32", "int64"), 1),
+        "moves": (("int32", "int64"), 2),
     }
     request_id: str
     step: int
@@ -355,6 +377,9 @@ class Fetch(Message):
     lookahead: bool = False
     cached: int = 0  # the layer window's row count after this step
     stats: dict[str, Any] = field(default_factory=dict)  # the predictor's, passed on
+    # [k, 2]: (to, from) rows of the layer's window moved this step, for a compute that does
+    # not share the predictor's memory (the books' swap-deletes, composed)
+    moves: np.ndarray = field(default_factory=_no_moves)
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
@@ -362,12 +387,14 @@ class Fetch(Message):
 
 @dataclass(frozen=True)
 class RowsReady(Message):
-    """Prefetch -> compute: the rows of a Fetch are in shared memory."""
+    """Prefetch -> compute: the rows of a Fetch are in shared memory (or in `data`)."""
 
     KIND: ClassVar[str] = "rows_ready"
     ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
         "neurons": (("int32", "int64"), 1),
         "rows": (("int32", "int64"), 1),
+        "moves": (("int32", "int64"), 2),
+        "data": (("uint8",), 2),
     }
     request_id: str
     step: int
@@ -379,31 +406,12 @@ class RowsReady(Message):
     io_ms: float = 0.0
     cached: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # the predictor's and prefetch's
+    moves: np.ndarray = field(default_factory=_no_moves)  # the fetch's, passed on
+    data: np.ndarray = field(default_factory=_no_data)  # [len(neurons), row bytes], or none
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
-
-
-@dataclass(frozen=True)
-class Rows(Message):
-    """Prefetch -> compute across hosts: the bundles themselves, as a raw frame."""
-
-    KIND: ClassVar[str] = "rows"
-    ARRAYS: ClassVar[dict[str, tuple[tuple[str, ...], int]]] = {
-        "neurons": (("int32", "int64"), 1),
-        "data": (("uint8",), 2),
-    }
-    request_id: str
-    step: int
-    layer: int
-    neurons: np.ndarray
-    data: np.ndarray  # [k, row_bytes]
-
-    def check(self, limits: Limits) -> None:
-        _check_layer(self.KIND, self.layer, limits)
-        _check_ids(self.KIND, "neurons", self.neurons, limits)
-        _need(self.data.shape[0] == len(self.neurons), "rows.data has a row per neuron")
-        _need(self.data.shape[1] <= limits.row_bytes, "rows.data rows are too wide")
+        _check_data(self.KIND, self.data, len(self.neurons), limits)
 
 
 MESSAGES: dict[str, type[Message]] = {
@@ -422,7 +430,6 @@ MESSAGES: dict[str, type[Message]] = {
         FFNInput,
         Fetch,
         RowsReady,
-        Rows,
         Forward,
         Logits,
         Reset,

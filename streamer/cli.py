@@ -1,4 +1,4 @@
-"""The `streamer` command: convert, verify, calibrate, generate, eval, serve, probe-disk, keys.
+"""The `streamer` command: convert, verify, calibrate, generate, eval, serve, stage, keys, ...
 
 Errors the engine raises on purpose (`StreamerError`) print as one line on stderr with exit
 status 2; anything else is a bug and keeps its traceback.
@@ -316,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=5, help="for the newly-loaded fraction (5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_threads(p)
+
+    p = sub.add_parser(
+        "stage",
+        help="run one pipeline stage for a launcher on another host",
+        description="Run the predictor, prefetch or compute stage of the pipeline in FILE, "
+        "which lists it under `remote` (so its launcher does not start it) and gives every "
+        "link a tcp:// endpoint. Rows travel as zero-copy frames: no memory is shared. The "
+        "model must be at the config's path on this host too. Stops on SIGTERM.",
+    )
+    p.add_argument("name", choices=("predictor", "prefetch", "compute"), help="the stage")
+    p.add_argument("--config", type=Path, required=True, help="the pipeline's TOML config")
 
     p = sub.add_parser(
         "keys",
@@ -932,6 +943,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from streamer.pipeline import PipelineConfig, run_remote_stage
+
+    run_remote_stage(args.name, PipelineConfig.from_toml(args.config))
+    return 0
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from protocol.sockets import make_keys
 
@@ -948,6 +966,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "probe-disk": _cmd_probe_disk,
     "bench": _cmd_bench,
+    "stage": _cmd_stage,
     "keys": _cmd_keys,
     "serve": _cmd_serve,
     "synth": _cmd_synth,

@@ -18,6 +18,11 @@ sends no heartbeat for `dead_after_s`, is declared dead: the request it was serv
 once with an error naming the stage, the stage is killed if hung and started again, and the
 next request waits for it to be READY. Shutdown stops every stage (SIGTERM, then SIGKILL after
 a deadline) and removes the shared memory and the ipc socket files.
+
+Without shared memory (`weights = "frames"`: stages on several hosts, tcp:// links), the same
+messages carry the row moves and the rows themselves as zero-copy frames. Stages in `remote` run
+elsewhere (`streamer stage NAME`, `run_remote_stage`): watched by their heartbeats like the
+others, started and restarted by their own host.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from workers.stage import StageSpec
 
 STAGES = ("predictor", "prefetch", "compute")
 LINKS = ("predictor", "prefetch", "compute", "rows", "results", "health")
+STAGE_LINKS = ("predictor", "prefetch", "rows")  # the links between the three stages
 
 
 @dataclass
@@ -71,6 +77,9 @@ class PipelineConfig:
     concurrency: int = 32
     direct: bool = True
     serial: bool = False  # the same stages, without overlap (for comparison)
+    # How bundle rows reach compute: "shared" memory (one host), "frames" (zero-copy ZeroMQ
+    # frames: stages on different hosts), "auto": frames when a stage link is tcp://
+    weights: str = "auto"
     dtype: str = ""  # compute dtype; "" = the stored one
     compute_threads: int = 0  # 0 = every core
     context: int = 2048
@@ -83,6 +92,9 @@ class PipelineConfig:
     insecure: bool = False
     key_dir: str = ""
     endpoints: dict[str, str] = field(default_factory=dict)  # predictor, prefetch, ... overrides
+    # Stages the launcher does not start: each runs on another host as `streamer stage NAME
+    # --config FILE` (kept up by that host, e.g. systemd), over tcp:// links, rows as frames.
+    remote: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +108,20 @@ class PipelineConfig:
             (self.start_timeout_s > 0, "start_timeout_s must be positive"),
             (self.max_restarts >= 0, "max_restarts must be >= 0"),
             (set(self.endpoints) <= set(LINKS), f"endpoints takes only {', '.join(LINKS)}"),
+            (
+                self.weights in ("auto", "shared", "frames"),
+                "weights must be auto, shared or frames",
+            ),
+            (set(self.remote) <= set(STAGES), f"remote takes only {', '.join(STAGES)}"),
+            (
+                not self.remote or self.weights != "shared",
+                "remote stages share no memory: weights cannot be shared",
+            ),
+            (
+                not self.remote or set(self.endpoints) == set(LINKS),
+                "remote stages need every link's endpoint in [endpoints]: "
+                + ", ".join(sorted(set(LINKS) - set(self.endpoints))),
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,6 +150,7 @@ class PipelineConfig:
                 "int": isinstance(value, int) and not isinstance(value, bool),
                 "float": isinstance(value, (int, float)) and not isinstance(value, bool),
                 "bool": isinstance(value, bool),
+                "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
             }.get(
                 str(want),
                 isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
@@ -220,6 +247,72 @@ class RemoteSequence:
     max_len: int
     failures: int
     step: int = 0
+
+
+def stage_limits(config: PipelineConfig, plan: PipelinePlan) -> Limits:
+    """What every stage's decoder accepts, from the model and the layout."""
+    cfg, lay = plan.model.config, plan.layout
+    return Limits(
+        vocab_size=cfg.vocab_size,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_neurons=cfg.d_ffn,
+        row_bytes=lay.stride,
+        n_rows=lay.n_rows,
+        max_tokens=min(config.context, cfg.max_positions),
+        # a vocabulary's logits; with frames, a whole layer's rows during a prompt
+        max_frame_bytes=max(256 << 20, cfg.vocab_size * 4 + 4096, cfg.d_ffn * lay.stride),
+    )
+
+
+def stage_spec(
+    name: str,
+    config: PipelineConfig,
+    plan: PipelinePlan,
+    endpoints: dict[str, str],
+    frames: bool,
+    shm_path: Path,
+    parent_pid: int = 0,
+) -> StageSpec:
+    """A stage's whole setup, the same whether the launcher spawns it or another host runs
+    it (`streamer stage`)."""
+    threads = config.compute_threads or os.cpu_count() or 1
+    return StageSpec(
+        name=name,
+        model_dir=plan.model.directory,
+        endpoints=endpoints,
+        shm_path=shm_path,
+        layout=plan.layout,
+        window=config.window,
+        serial=config.serial,
+        frames=frames,
+        concurrency=config.concurrency,
+        direct=config.direct,
+        threads=threads if name == "compute" else 1,
+        dtype=config.dtype,
+        heartbeat_s=config.heartbeat_s,
+        limits=stage_limits(config, plan),
+        security=security_of(config),
+        parent_pid=parent_pid,
+    )
+
+
+def security_of(config: PipelineConfig) -> Security:
+    return Security(Path(config.key_dir) if config.key_dir else None, insecure=config.insecure)
+
+
+def run_remote_stage(name: str, config: PipelineConfig) -> None:
+    """`streamer stage NAME`: one stage of a pipeline whose launcher runs on another host
+    (listed in its `remote`). It shares no memory with the others: rows travel as frames."""
+    if name not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {name!r}")
+    if name not in config.remote:
+        raise ConfigError(
+            f"the config does not list {name!r} in remote: its launcher would start it too"
+        )
+    spec = stage_spec(name, config, plan_pipeline(config), config.endpoints, True, Path())
+    print(f"{name}: serving the pipeline of {config.endpoints['health']}", file=sys.stderr)
+    _target(name)(spec)
 
 
 class RemoteEngine:
@@ -322,6 +415,10 @@ class StageProcess:
     ready: bool = False
     said: str = ""  # its DEAD message, if it sent one
     restarts: deque = field(default_factory=deque)
+    remote: bool = False  # run by another host (`streamer stage`): watched, never started
+
+    def exited(self) -> bool:
+        return self.proc is not None and not self.proc.is_alive()
 
 
 def _target(name: str):
@@ -371,6 +468,13 @@ class Pipeline:
         eps.update(self.config.endpoints)
         return eps
 
+    def _frames(self, endpoints: dict[str, str]) -> bool:
+        """Whether the stages exchange rows as frames: they may be on different hosts when a
+        link between them is tcp://, and then share no memory."""
+        if self.config.weights != "auto" or self.config.remote:
+            return self.config.weights == "frames" or bool(self.config.remote)
+        return any(endpoints[link].startswith("tcp://") for link in STAGE_LINKS)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED):
         from streamer.server import Server, ServerSettings, default_endpoint, eos_ids
 
@@ -383,20 +487,12 @@ class Pipeline:
         else:
             run_dir = self._made_run_dir = Path(tempfile.mkdtemp(prefix="streamer-"))
         endpoints = self._endpoints(run_dir)
-        security = Security(
-            Path(config.key_dir) if config.key_dir else None, insecure=config.insecure
-        )
+        security = security_of(config)
         shm_path = Path(config.shm_dir) / f"streamer-{os.getpid()}-{uuid.uuid4().hex[:8]}.rows"
-        limits = Limits(
-            vocab_size=cfg.vocab_size,
-            n_layers=cfg.n_layers,
-            d_model=cfg.d_model,
-            n_neurons=cfg.d_ffn,
-            row_bytes=plan.layout.stride,
-            n_rows=plan.layout.n_rows,
-            max_tokens=min(config.context, cfg.max_positions),
-            max_frame_bytes=max(256 << 20, cfg.vocab_size * 4 + 4096),
-        )
+        limits = stage_limits(config, plan)
+        frames = self._frames(endpoints)
+        if frames:
+            print("weights: rows travel as zero-copy frames (no shared memory)", file=sys.stderr)
         ctx = zmq.asyncio.Context()
         health = to_compute = auth = None
         tokenizer_spec = model.tokenizer()
@@ -404,7 +500,8 @@ class Pipeline:
             raise ModelFormatError(f"{model.directory} has no tokenizer (tokenizer.json)")
         tokenizer = tokenizer_spec.build()
         try:
-            self.shm = SharedRows(shm_path, plan.layout, create=True)
+            if not frames:
+                self.shm = SharedRows(shm_path, plan.layout, create=True)
             if endpoints["health"].startswith("tcp://"):
                 auth = start_authenticator(ctx, security)
             health = make_socket(ctx, zmq.PULL, endpoints["health"], True, security)
@@ -413,26 +510,10 @@ class Pipeline:
             self.engine = engine = RemoteEngine(
                 cfg, endpoints, limits, mode, security, config.start_timeout_s
             )
-            threads = config.compute_threads or os.cpu_count() or 1
+            parent = os.getpid() if self.processes else 0
             for name in STAGES:
-                spec = StageSpec(
-                    name=name,
-                    model_dir=model.directory,
-                    endpoints=endpoints,
-                    shm_path=shm_path,
-                    layout=plan.layout,
-                    window=config.window,
-                    serial=config.serial,
-                    concurrency=config.concurrency,
-                    direct=config.direct,
-                    threads=threads if name == "compute" else 1,
-                    dtype=config.dtype,
-                    heartbeat_s=config.heartbeat_s,
-                    limits=limits,
-                    security=security,
-                    parent_pid=os.getpid() if self.processes else 0,
-                )
-                self.stages[name] = StageProcess(name, spec)
+                spec = stage_spec(name, config, plan, endpoints, frames, shm_path, parent)
+                self.stages[name] = StageProcess(name, spec, remote=name in config.remote)
             settings = ServerSettings(
                 config.endpoint or default_endpoint(),
                 security,
@@ -477,6 +558,8 @@ class Pipeline:
     def _start(self, st: StageProcess, tg) -> None:
         st.ready, st.said = False, ""
         st.started = st.last_seen = time.monotonic()
+        if st.remote:
+            return  # its host starts it; it is ready when its READY comes
         if self.processes:
             mp = multiprocessing.get_context("spawn")
             st.proc = mp.Process(
@@ -515,7 +598,7 @@ class Pipeline:
             if st is None:
                 continue
             if isinstance(msg, Ready):
-                if not self.processes or msg.pid == st.proc.pid:
+                if not self.processes or st.remote or msg.pid == st.proc.pid:
                     st.ready, st.last_seen = True, time.monotonic()
                     if all(s.ready for s in self.stages.values()):
                         self.engine.ready.set()
@@ -528,7 +611,7 @@ class Pipeline:
         deadline = time.monotonic() + self.config.start_timeout_s
         while not all(st.ready for st in self.stages.values()):
             for st in self.stages.values():
-                if self.processes and not st.proc.is_alive():
+                if st.exited():
                     await anyio.sleep(0.2)  # let its DEAD message arrive
                     raise StreamerError(
                         f"the {st.name} stage failed to start: "
@@ -548,7 +631,7 @@ class Pipeline:
             await anyio.sleep(0.05)
             now = time.monotonic()
             for st in self.stages.values():
-                if self.processes and not st.proc.is_alive():
+                if st.exited():
                     reason = f"exited ({_exit_text(st.proc.exitcode)})"
                 elif st.ready and now - st.last_seen > cfg.dead_after_s:
                     reason = f"sent no heartbeat for {now - st.last_seen:.1f} s"
@@ -571,6 +654,9 @@ class Pipeline:
             await to_compute.send_multipart(encode(Dead(st.name, reason)), copy=False)
         if not self.processes:
             raise StreamerError(text)
+        if st.remote:  # its own host restarts it; the next request waits for its READY
+            self._start(st, tg)
+            return
         _kill(st.proc)
         now = time.monotonic()
         while st.restarts and now - st.restarts[0] > 60:

@@ -11,6 +11,10 @@ other way on one host: ZeroMQ messages carry only neuron ids and row numbers. Re
                             decode's look-ahead reads
     then L·c int64          the neuron id of each cache row (the predictor's books, which
                             compute reads to pick each row's bias)
+
+Stages on different hosts share no memory (`weights = "frames"`): each maps the same regions
+privately (`SharedRows.private`), the rows travel as zero-copy frames, and compute applies the
+predictor's row moves itself.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class SharedRows:
     """The mapped file; `create=True` makes it (the launcher), else it must exist (a stage)."""
 
     def __init__(self, path: str | os.PathLike, layout: SharedLayout, create: bool = False):
-        self.path, self.layout = Path(path), layout
+        self.path: Path | None = Path(path)
+        self.layout = layout
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(self.path, flags, 0o600)
@@ -77,6 +82,19 @@ class SharedRows:
             mm = mmap.mmap(fd, layout.nbytes, mmap.MAP_SHARED)
         finally:
             os.close(fd)
+        self._map(mm)
+
+    @classmethod
+    def private(cls, layout: SharedLayout) -> SharedRows:
+        """The same regions in this process's own memory (anonymous, so untouched pages cost
+        nothing): a stage that shares no memory with the others, whose rows come as frames."""
+        self = cls.__new__(cls)
+        self.path, self.layout = None, layout
+        self._map(mmap.mmap(-1, layout.nbytes))
+        return self
+
+    def _map(self, mm: mmap.mmap) -> None:
+        layout = self.layout
         flat = np.frombuffer(mm, dtype=np.uint8)  # keeps `mm` alive
         self.rows = torch.from_numpy(flat[: layout.ids_offset]).view(layout.n_rows, layout.stride)
         self.ids = (
@@ -97,4 +115,5 @@ class SharedRows:
         return self.rows[base : base + self.layout.n_neurons]
 
     def unlink(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ scratch area (`Plan.overflow`) that is not kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,11 +37,16 @@ class Plan:
     overflow: np.ndarray  # sorted ids that did not fit: read into scratch, not kept
     hits: int  # active neurons already in the cache
     evicted: int  # rows freed this token
+    # [k, 2]: (to, from) row moves of this token's swap-deletes, composed into one gather
+    # (every `from` lies beyond every `to`); only for a `books_only` cache
+    moves: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
 
 class WindowCache:
     """`rows` may be given (the pipeline's shared memory, [capacity, row_bytes]); `ids` too, so
-    that another process can read which neuron each row holds."""
+    that another process can read which neuron each row holds. `books_only`: no rows at all,
+    only which neuron is in which row, with each token's row moves in `Plan.moves` (the
+    pipeline's predictor when compute does not share its memory, and applies the moves)."""
 
     def __init__(
         self,
@@ -51,15 +56,17 @@ class WindowCache:
         window: int,
         rows: torch.Tensor | None = None,
         ids: np.ndarray | None = None,
+        books_only: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 token, got {window}")
         self.n_neurons = n_neurons
         self.capacity = min(capacity, n_neurons)
         self.window = window
-        if rows is None:
+        if rows is None and not books_only:
             rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
         self.rows = rows
+        self._old_row = np.full(n_neurons, -1, dtype=np.int64) if books_only else None
         self.ids = np.empty(self.capacity, dtype=np.int64) if ids is None else ids
         self.ids[:] = -1  # neuron id of each row
         self.row_of = np.full(n_neurons, -1, dtype=np.int64)  # row of each neuron, -1 if absent
@@ -82,7 +89,7 @@ class WindowCache:
         fill = holes[holes < new_count]  # holes inside the kept range
         tail = np.flatnonzero(~is_hole[new_count:]) + new_count  # kept rows beyond it
         if len(fill):
-            if move_rows:
+            if move_rows and self.rows is not None:
                 copy_rows(self.rows, fill, self.rows, tail)
             moved = self.ids[tail]
             self.ids[fill] = moved
@@ -100,6 +107,9 @@ class WindowCache:
             active = np.unique(active)  # the predictors give sorted unique ids already
         self.last_active[active] = self.t
         cached = self.cached
+        if self._old_row is not None:
+            before = cached.copy()
+            self._old_row[before] = np.arange(len(before))
         expired = cached[self.last_active[cached] <= self.t - self.window]
         self._delete(expired, move_rows)
         missing = active[self.row_of[active] < 0]
@@ -113,6 +123,12 @@ class WindowCache:
             victims = old[np.argsort(self.last_active[old], kind="stable")[:excess]]
             self._delete(victims, move_rows)
             evicted += len(victims)
+        moves = None
+        if self._old_row is not None:
+            src = self._old_row[self.cached]  # where each kept neuron's row was
+            moved = np.flatnonzero(src != np.arange(self.count))
+            moves = np.stack([moved, src[moved]], axis=1)
+            self._old_row[before] = -1
         room = self.capacity - self.count
         load, overflow = missing[:room], missing[room:]
         start = self.count
@@ -120,7 +136,10 @@ class WindowCache:
         self.ids[rows] = load
         self.row_of[load] = rows
         self.count += len(load)
-        return Plan(load, start, overflow, hits, evicted)
+        plan = Plan(load, start, overflow, hits, evicted)
+        if moves is not None:
+            plan.moves = moves
+        return plan
 
     def fill(self, active_sets: list[np.ndarray], layer_rows: torch.Tensor | None) -> None:
         """After a prompt: step through its last tokens' active sets, then copy every kept

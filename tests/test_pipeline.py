@@ -26,7 +26,14 @@ from streamer.convert import convert
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.generate import Generation, SamplingParams
-from streamer.pipeline import STAGES, Pipeline, PipelineConfig, plan_pipeline
+from streamer.pipeline import (
+    LINKS,
+    STAGES,
+    Pipeline,
+    PipelineConfig,
+    plan_pipeline,
+    run_remote_stage,
+)
 from streamer.registry import DEFAULT_NAME, resolve_default
 from streamer.sources import HFSource
 from tests.models import make_sparse_opt
@@ -83,21 +90,24 @@ def left_behind(tmp_path) -> list[str]:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("family", "processes", "serial", "budget"),
+    ("family", "processes", "serial", "budget", "weights"),
     [
-        ("llama", True, False, None),
-        ("llama", False, False, None),
-        ("llama", True, True, None),
-        ("opt", False, False, None),
-        ("opt", True, False, "tight"),
-        ("opt", False, True, "tight"),
+        ("llama", True, False, None, "shared"),
+        ("llama", False, False, None, "shared"),
+        ("llama", True, True, None, "shared"),
+        ("opt", False, False, None, "shared"),
+        ("opt", True, False, "tight", "shared"),
+        ("opt", False, True, "tight", "shared"),
+        # stages that share no memory (as on several hosts): rows and row moves as frames
+        ("opt", True, False, "tight", "frames"),
+        ("llama", True, False, None, "frames"),
     ],
 )
 async def test_pipeline_tokens_equal_the_single_process_engine(
-    calibrated, tmp_path, family, processes, serial, budget
+    calibrated, tmp_path, family, processes, serial, budget, weights
 ):
     directory = calibrated(family)
-    cfg = config(tmp_path, directory, serial=serial)
+    cfg = config(tmp_path, directory, serial=serial, weights=weights)
     if budget == "tight":  # windows of 24 rows: evictions and overflow every token
         plan = plan_pipeline(cfg)
         lay = plan.layout  # (L - 1) c + 3 n rows: windows, overflow, two staging layers
@@ -117,6 +127,8 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
         again = await collect(
             client, prompt_ids=PROMPT, max_tokens=24, temperature=0, ignore_eos=True
         )
+        shared = list(tmp_path.glob("streamer-*.rows"))
+        assert len(shared) == (0 if weights == "frames" else 1)
     assert done.token_ids == want
     assert again.token_ids == want  # a second sequence starts from empty windows again
     s = done.summary
@@ -444,3 +456,68 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
             refused = capfd.readouterr().err.count("refused a")
             assert refused == (5 if admitted else 0), (keys, refused)
     assert done.token_ids == want
+
+
+@pytest.mark.asyncio
+async def test_a_stage_on_another_host(calibrated, tmp_path):
+    """`remote = ["prefetch"]`: the launcher starts predictor and compute; `streamer stage
+    prefetch --config` runs apart (its own process tree, as on another host), over tcp:// with
+    CURVE, sharing no memory: the rows reach compute as frames. Same tokens as the engine.
+    kill -9 it during a generation: the client gets an error within 2 s; started again (as its
+    host's systemd would), the next request succeeds."""
+    from protocol.sockets import Security, make_keys
+
+    directory = calibrated("llama")
+    make_keys(tmp_path / "keys")
+    ports = _free_ports(7)
+    links = ("predictor", "prefetch", "compute", "rows", "results", "health")
+    table = "\n".join(f'{k} = "tcp://127.0.0.1:{p}"' for k, p in zip(links, ports[1:], strict=True))
+    path = tmp_path / "pipeline.toml"
+    path.write_text(
+        f'model = "{directory}"\nendpoint = "tcp://127.0.0.1:{ports[0]}"\n'
+        f'key_dir = "{tmp_path / "keys"}"\nshm_dir = "{tmp_path}"\nremote = ["prefetch"]\n'
+        f"heartbeat_s = 0.2\ndead_after_s = 1.0\n\n[endpoints]\n{table}\n"
+    )
+    cfg = PipelineConfig.from_toml(path)
+    want = engine_tokens(directory, PROMPT, 8)
+
+    def start_stage() -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "streamer", "stage", "prefetch", "--config", str(path)]
+        return subprocess.Popen(cmd, start_new_session=True)  # not the launcher's child
+
+    stage = start_stage()
+    try:
+        async with (
+            Pipeline.launch(cfg) as p,
+            Client(p.endpoint, Security(tmp_path / "keys"), timeout=120) as client,
+        ):
+            assert p.stages["prefetch"].proc is None  # the launcher did not start it
+            done = await collect(
+                client, prompt_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True
+            )
+            assert done.token_ids == want
+            assert list(tmp_path.glob("streamer-*.rows")) == []  # no shared memory
+            error, delay = await _generate_until_killed(client, stage.pid, signal.SIGKILL)
+            assert "the prefetch stage" in str(error) and delay < 2.0, (error, delay)
+            stage.wait()
+            stage = start_stage()
+            done = await collect(
+                client, prompt_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True
+            )
+            assert done.token_ids == want
+            assert p.counts["deaths"] == 1 and p.counts["restarts"] == 0
+    finally:
+        stage.terminate()
+        assert stage.wait(10) == 0  # SIGTERM stops it cleanly
+
+
+def test_remote_stages_need_every_endpoint_and_frames(tmp_path):
+    with pytest.raises(ConfigError, match="every link's endpoint.*health"):
+        PipelineConfig(remote=["compute"], endpoints={"predictor": "tcp://127.0.0.1:5"})
+    eps = {k: f"tcp://127.0.0.1:{5000 + i}" for i, k in enumerate(LINKS)}
+    with pytest.raises(ConfigError, match="weights cannot be shared"):
+        PipelineConfig(remote=["compute"], endpoints=eps, weights="shared")
+    with pytest.raises(ConfigError, match="remote takes only"):
+        PipelineConfig(remote=["frontend"], endpoints=eps)
+    with pytest.raises(ConfigError, match="does not list 'prefetch' in remote"):
+        run_remote_stage("prefetch", PipelineConfig(remote=["compute"], endpoints=eps))

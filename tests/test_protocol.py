@@ -35,7 +35,6 @@ from protocol.messages import (
     ProtocolError,
     Ready,
     Reset,
-    Rows,
     RowsReady,
     Token,
     Welcome,
@@ -57,7 +56,16 @@ EXAMPLES = [
     FFNInput("r1", 3, 12, np.linspace(-1, 1, 2 * 576, dtype=np.float16).reshape(2, 576)),
     Fetch("r1", 3, 13, ids, np.arange(4, dtype=np.int32), lookahead=True),
     RowsReady("r1", 3, 13, ids, np.arange(4, dtype=np.int32), 16384, 2, 0.4),
-    Rows("r1", 3, 13, ids, np.arange(4 * 4096, dtype=np.uint8).reshape(4, 4096)),
+    # stages without shared memory: the window's row moves, and the rows as a frame
+    RowsReady(
+        "r1",
+        3,
+        13,
+        ids,
+        np.arange(4, dtype=np.int32),
+        moves=np.array([[0, 7], [2, 9]], dtype=np.int64),
+        data=np.arange(4 * 4096, dtype=np.uint8).reshape(4, 4096),
+    ),
     Ready("predictor", 4242, 1),
     Forward("s1", 0, np.array([1, 2, 3], dtype=np.int64), reset=True, max_len=64),
     Logits("s1", 0, np.linspace(0, 1, 49152, dtype=np.float32), {"wait_ms": 1.5}),
@@ -65,6 +73,7 @@ EXAMPLES = [
     Fill("s1", 2, ids, np.array([1, 3], dtype=np.int64)),
     LoadLayer("s1", 5, 1),
     LayerReady("s1", 5, 1, 1 << 20, 4, 2.5),
+    LayerReady("s1", 5, 1, data=np.ones((1536, 4096), dtype=np.uint8)),
 ]
 
 
@@ -149,11 +158,24 @@ def tamper(msg, **changes) -> list:
         (tamper(EXAMPLES[10], f__layer=30), "layer must be in"),
         (tamper(EXAMPLES[11], a__rows=["int32", [3], 3]), "needs 12 bytes"),
         (encode(EXAMPLES[3]) + [b"extra"], "no field refers to"),
+        (tamper(EXAMPLES[13], a__moves=["int64", [1, 4], 4]), "moves must have shape"),
+        (tamper(EXAMPLES[13], a__data=["uint8", [2, 8192], 5]), "one row per neuron"),
+        (tamper(EXAMPLES[11], a__neurons=None), "fetch.neurons is missing"),
     ],
 )
 def test_malformed_messages_are_named(frames, match):
     with pytest.raises(ProtocolError, match=match):
         decode(frames, LIMITS)
+
+
+def test_array_fields_appended_with_defaults_may_be_left_out():
+    """A peer from before `moves` and `data` (fields appended with defaults) still decodes."""
+    frames = encode(EXAMPLES[12])
+    header = msgpack.unpackb(frames[1])
+    kept = {k: v for k, v in header["a"].items() if k in ("neurons", "rows")}
+    msg = decode([frames[0], msgpack.packb({"f": header["f"], "a": kept}), *frames[2:4]], LIMITS)
+    assert msg.moves.shape == (0, 2) and msg.data.size == 0
+    assert np.array_equal(msg.neurons, ids)
 
 
 def test_limits_and_accepted_kinds():

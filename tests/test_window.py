@@ -78,3 +78,26 @@ def test_step_reports_loads_evictions_and_hits():
     p = cache.step(np.array([4, 5]))  # 1 and 2 were last active two tokens ago: evicted
     assert p.evicted == 2 and p.load.tolist() == [5] and p.hits == 1
     assert sorted(cache.cached.tolist()) == [3, 4, 5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sets=active_sets, window=st.integers(1, 6), capacity=st.integers(1, N))
+def test_books_only_moves_rebuild_the_rows_elsewhere(sets, window, capacity):
+    """The pipeline without shared memory: the predictor keeps books only, and compute applies
+    each token's composed moves, then the new rows, to its own copy. The copy always equals
+    the rows a cache that moves its own data holds, and says which neuron is in each row."""
+    books = WindowCache(N, capacity, ROW, window, books_only=True)
+    assert books.rows is None
+    mirror = torch.zeros(capacity, ROW, dtype=torch.uint8)
+    mirror_ids = np.full(capacity, -1)
+    for active in sets:
+        plan = books.step(np.array(active, dtype=np.int64))
+        to, src = plan.moves[:, 0], plan.moves[:, 1]
+        assert len(set(to.tolist()) & set(src.tolist())) == 0  # one gather does it
+        mirror[to] = mirror[src]
+        mirror_ids[to] = mirror_ids[src]
+        for k, neuron in enumerate(plan.load):  # prefetch's reads
+            mirror[plan.start + k] = int(neuron)
+            mirror_ids[plan.start + k] = neuron
+        assert np.array_equal(mirror_ids[: books.count], books.cached)
+        assert torch.equal(mirror[: books.count, 0], torch.from_numpy(books.cached).to(torch.uint8))

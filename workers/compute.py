@@ -47,8 +47,7 @@ from streamer.errors import StreamerError
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import ACTIVATION_FNS, Transformer
 from streamer.predictor import META_FILE
-from streamer.shared import SharedRows
-from streamer.window import WindowCache
+from streamer.window import WindowCache, copy_rows
 from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
 WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health catches it first)
@@ -85,7 +84,7 @@ class PipelineFFN:
         cfg, lay = model.config, model.layout
         self.spec, self.cfg, self.layout, self.dtype = spec, cfg, lay, dtype
         self.act = ACTIVATION_FNS[cfg.activation]
-        self.shm = SharedRows(spec.shm_path, spec.layout)
+        self.shm = spec.rows()
         meta = json.loads((model.directory / META_FILE).read_text())
         self.activity: list[float] = meta["activity"]
         # The FFN math runs in the stored dtype, as in the single-process engine.
@@ -185,6 +184,8 @@ class PipelineFFN:
         for k in PASSED_ON:
             s[k] += ps.get(k, 0)
         s["cached"] += msg.cached
+        if self.spec.frames:
+            self._apply(msg)
         ids = self.shm.ids[layer, : msg.cached].copy()
         overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.layout.scratch_base]
         out = sparse_ffn(
@@ -196,6 +197,21 @@ class PipelineFFN:
             (self.shm.scratch, overflow),
         )
         return out.to(self.dtype)
+
+    def _apply(self, msg: RowsReady) -> None:
+        """Frames: what shared memory would have done here. The predictor's row moves, then
+        the new rows (and, for cache rows, their neuron ids) from the message's frame."""
+        lay = self.spec.layout
+        cache, ids = self.shm.cache(msg.layer), self.shm.ids[msg.layer]
+        if len(msg.moves):
+            to, src = msg.moves[:, 0], msg.moves[:, 1]
+            copy_rows(cache, to, cache, src)
+            ids[to] = ids[src]
+        rows = np.asarray(msg.rows)
+        if len(rows):
+            self.shm.rows.numpy()[rows] = msg.data
+            kept = rows < lay.scratch_base
+            ids[rows[kept] - lay.cache_base(msg.layer)] = np.asarray(msg.neurons)[kept]
 
     def _load(self, layer: int) -> None:
         self._send(self.prefetch, LoadLayer(self.request_id, layer, layer % 2))
@@ -211,6 +227,8 @@ class PipelineFFN:
         self.stats["reads"] += msg.reads
         self.stats["io_ms"] += msg.io_ms
         staged = self.shm.stage(layer % 2)
+        if self.spec.frames:
+            staged.numpy()[:] = msg.data
         w = layer_weights(self.layout, staged, self.biases[layer])
         out, sets = prefill_ffn(x, w, self.act, self.activity[layer], self.spec.window)
         t0 = time.perf_counter()
@@ -221,7 +239,8 @@ class PipelineFFN:
             lay.stride,
             self.spec.window,
             self.shm.cache(layer),
-            np.empty(lay.capacity, dtype=np.int64),
+            # with frames, compute keeps the ids itself; else the predictor's books write them
+            self.shm.ids[layer] if self.spec.frames else np.empty(lay.capacity, dtype=np.int64),
         )
         books.fill(sets, staged)  # the same steps as the predictor's books: the same rows
         self.stats["mem_ms"] += (time.perf_counter() - t0) * 1e3

@@ -2,11 +2,12 @@
 
 Compute sends each layer's FFN input (`ffn_input`) as soon as it exists. This stage runs that
 layer's low-rank predictor, steps the layer's window books (`WindowCache` over the shared rows:
-its swap-deletes move rows in shared memory, before prefetch writes new ones), and asks prefetch
-(`fetch`) to read the missing neurons into the rows the books gave them. Then, unless the
-pipeline is serial, it runs the look-ahead predictor of the next layer and asks prefetch to read
-those of its neurons not in the window into a staging slot while compute is still busy with this
-layer: the I/O of layer l+1 overlaps the compute of layer l. After a prompt, compute sends each
+its swap-deletes move rows in shared memory, before prefetch writes new ones; with frames, the
+books alone, whose row moves travel on to compute), and asks prefetch (`fetch`) to read the
+missing neurons into the rows the books gave them. Then, unless the pipeline is serial, it runs
+the look-ahead predictor of the next layer and asks prefetch to read those of its neurons not in
+the window into a staging slot while compute is still busy with this layer: the I/O of layer l+1
+overlaps the compute of layer l. After a prompt, compute sends each
 layer's true active sets (`fill`); the books take them (compute writes the rows itself).
 """
 
@@ -22,7 +23,6 @@ import zmq
 from protocol.messages import Fetch, FFNInput, Fill, Reset
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.predictor import Predictors
-from streamer.shared import SharedRows
 from streamer.window import WindowCache
 from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
@@ -36,12 +36,18 @@ class PredictorStage:
         self.predictors = Predictors.load(
             model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=not spec.serial
         ).to(self.dtype)
-        self.shm = SharedRows(spec.shm_path, spec.layout)
         c, n = spec.layout.capacity, cfg.d_ffn
-        self.caches = [
-            WindowCache(n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i])
-            for i in range(cfg.n_layers)
-        ]
+        if spec.frames:  # the books alone; compute applies each token's row moves itself
+            self.caches = [
+                WindowCache(n, c, lay.stride, spec.window, books_only=True)
+                for _ in range(cfg.n_layers)
+            ]
+        else:
+            self.shm = spec.rows()
+            self.caches = [
+                WindowCache(n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i])
+                for i in range(cfg.n_layers)
+            ]
         self.current = ""
 
     def handle(self, msg) -> list:
@@ -88,7 +94,19 @@ class PredictorStage:
             "predict_ms": (t1 - t0 + time.perf_counter() - t2) * 1e3,
             "mem_ms": (t2 - t1) * 1e3,
         }
-        out.append(Fetch(msg.request_id, msg.step, layer, neurons, rows, False, cache.count, stats))
+        out.append(
+            Fetch(
+                msg.request_id,
+                msg.step,
+                layer,
+                neurons,
+                rows,
+                False,
+                cache.count,
+                stats,
+                plan.moves,
+            )
+        )
         if guess is not None:
             # Not in the next layer's window now: read into the staging slot of that layer.
             missing = guess[self.caches[nxt].row_of[guess] < 0]

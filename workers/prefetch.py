@@ -8,7 +8,8 @@ instead of read again, and the look-ahead's reads count as this step's. `load_la
 compute during a prompt: read a whole layer, in large sequential reads, into a staging slot
 (`layer_ready`). Requests run concurrently (a look-ahead read proceeds while a correction is
 served); each one's reads go to a thread pool of `os.preadv` calls (`FlashReader`, its
-`concurrency` reads in flight) through an anyio capacity limiter.
+`concurrency` reads in flight) through an anyio capacity limiter. With frames (stages that share
+no memory), reads go to a fresh buffer that leaves as the reply's `data` frame, without a copy.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import zmq
 
 from protocol.messages import Fetch, LayerReady, LoadLayer, RowsReady
 from streamer.engine import bundle_reads
-from streamer.flash import FlashReader, ReadStats
+from streamer.flash import FlashReader, ReadStats, aligned_buffer
 from streamer.layout import ConvertedModel
-from streamer.shared import SharedRows
 from streamer.window import copy_rows
 from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
@@ -47,7 +47,8 @@ class PrefetchStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
         self.spec, self.layout, self.n = spec, model.layout, model.config.d_ffn
-        self.shm = SharedRows(spec.shm_path, spec.layout)
+        self.shm = spec.rows()
+        self.frames = spec.frames
         self.reader = FlashReader(model.ffn_path, concurrency=spec.concurrency, direct=spec.direct)
         self.limiter = anyio.CapacityLimiter(REQUESTS_IN_FLIGHT)
         self.staged: list[Staged | None] = [None, None]
@@ -87,12 +88,20 @@ class PrefetchStage:
     async def _handle(self, msg) -> object | None:
         if isinstance(msg, LoadLayer):
             stats = ReadStats()
-            dest = self.shm.stage(msg.slot)
+            # With frames, a buffer of its own: ZeroMQ sends it after this returns.
+            dest = self._buffer(self.n) if self.frames else self.shm.stage(msg.slot)
             await self._read(
                 self.reader.chunked(self.layout.layer_offsets[msg.layer], dest.view(-1)), stats
             )
+            data = dest.numpy() if self.frames else np.zeros((0, 0), np.uint8)
             return LayerReady(
-                msg.request_id, msg.layer, msg.slot, stats.bytes, stats.reads, stats.seconds * 1e3
+                msg.request_id,
+                msg.layer,
+                msg.slot,
+                stats.bytes,
+                stats.reads,
+                stats.seconds * 1e3,
+                data,
             )
         assert isinstance(msg, Fetch)
         rows_all = self.shm.rows
@@ -111,21 +120,29 @@ class PrefetchStage:
         t0 = time.perf_counter()
         neurons, rows = np.asarray(msg.neurons), np.asarray(msg.rows)
         stats, copied, waited = ReadStats(), 0, 0.0
+        out, out_rows = rows_all, rows
+        if self.frames:  # the rows go to compute as one frame, in the fetch's order
+            out, out_rows = self._buffer(len(neurons)), np.arange(len(neurons))
         entry = self.staged[msg.layer % 2]
-        if entry is not None and entry.key == (msg.request_id, msg.step, msg.layer):
+        if entry is not None and entry.key != (msg.request_id, msg.step, msg.layer):
+            entry = None
+        have = np.zeros(len(neurons), dtype=bool) if entry is None else entry.row_of[neurons] >= 0
+        # What the look-ahead missed is read at once, beside the look-ahead's reads still in
+        # flight; what it staged is copied when those are done.
+        reqs = bundle_reads(
+            self.layout, msg.layer, neurons[~have], out, self.reader.max_read, out_rows[~have]
+        )
+        await self._read(reqs, stats)
+        if entry is not None:
             tw = time.perf_counter()
             await entry.done.wait()
             waited = time.perf_counter() - tw
-            src = entry.row_of[neurons]
-            have = src >= 0
             if have.any():
-                copy_rows(rows_all, rows[have], rows_all, src[have])
+                copy_rows(out, out_rows[have], rows_all, entry.row_of[neurons[have]])
                 copied = int(have.sum())
-            neurons, rows = neurons[~have], rows[~have]
-            stats.bytes, stats.reads = entry.stats.bytes, entry.stats.reads
-            stats.seconds = entry.stats.seconds
-        reqs = bundle_reads(self.layout, msg.layer, neurons, rows_all, self.reader.max_read, rows)
-        await self._read(reqs, stats)
+            stats.bytes += entry.stats.bytes
+            stats.reads += entry.stats.reads
+            stats.seconds += entry.stats.seconds
         pstats = {
             **msg.stats,
             "copied": copied,
@@ -143,7 +160,14 @@ class PrefetchStage:
             stats.seconds * 1e3,
             msg.cached,
             pstats,
+            msg.moves,
+            out.numpy() if self.frames else np.zeros((0, 0), np.uint8),
         )
+
+    def _buffer(self, n_rows: int):
+        """Page-aligned rows for O_DIRECT reads that leave as a frame (a new one each time:
+        the last one may still be on its way)."""
+        return aligned_buffer(n_rows * self.layout.stride).view(n_rows, self.layout.stride)
 
 
 async def serve(spec: StageSpec) -> None:

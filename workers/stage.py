@@ -25,7 +25,7 @@ import zmq.asyncio
 from protocol.codec import decode, encode
 from protocol.messages import Dead, Error, Heartbeat, Limits, ProtocolError, Ready
 from protocol.sockets import Security, make_socket, start_authenticator
-from streamer.shared import SharedLayout
+from streamer.shared import SharedLayout, SharedRows
 
 
 @dataclass
@@ -48,6 +48,13 @@ class StageSpec:
     security: Security = field(default_factory=Security)
     generation: int = 0
     parent_pid: int = 0
+    frames: bool = False  # rows travel as frames; no shared memory (stages on several hosts)
+
+    def rows(self) -> SharedRows:
+        """This stage's view of the window rows: the launcher's shared memory, or its own."""
+        if self.frames:
+            return SharedRows.private(self.layout)
+        return SharedRows(self.shm_path, self.layout)
 
 
 class StageContext:
