@@ -10,9 +10,11 @@ With one DRAM budget (default 50% of the model) and cold reads, it measures in t
 4. a peer users pick today: `transformers` + `accelerate` with disk offload at the same budget,
    its files dropped from the page cache before each token;
 then the ratios of that one run. Output: a Markdown table (printed), `bench.json` and
-`bench.png` under `--out`. Each row decodes greedily from the same prompt for `--tokens` tokens
-or `--max-seconds`, whichever comes first, and reports per token the mean split (which adds up
-to the mean) and the median and range of the total.
+`bench.png` under `--out`. Each row runs the same text: its first `PROMPT_TOKENS` tokens as the
+prompt, then one token per step (teacher-forced) for `--tokens` tokens or `--max-seconds`,
+whichever comes first, and reports per token the mean split (which adds up to the mean) and the
+median and range of the total. Teacher-forced, not greedy: a random (synthetic) model decodes
+the same token over and over, whose active set hardly changes, which would flatter the window.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from streamer.errors import ConfigError
 ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
 PIPELINE_ROWS = ("pipeline", "serial")
 ROWS = (*ENGINE_ROWS, *PIPELINE_ROWS, "accelerate")
-PROMPT = "The history of the city begins with a small settlement on the river"
+PROMPT_TOKENS = 16  # of the bench text: the prompt; the tokens after it are decoded one by one
 # The paper's DRAM split for Falcon-7B [4]: fractions of the model.
 PAPER_SPLIT_FALCON = {
     "embeddings": 0.042,
@@ -59,7 +61,7 @@ class BenchSettings:
     out: Path = Path("bench")
     concurrency: int = 32
     probe_seconds: float = 2.0
-    prompt: str = PROMPT
+    text: Path | None = None  # the text each row runs; None: the held-out text shipped
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     def __post_init__(self) -> None:
@@ -115,27 +117,36 @@ def row_stats(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str,
     return row
 
 
-def _prompt_ids(directory: Path, prompt: str) -> list[int]:
+def _text_ids(directory: Path, settings: BenchSettings) -> list[int]:
+    """The prompt and the tokens fed after it, from the bench text."""
+    from streamer.calibrate import shipped_text
     from streamer.layout import ConvertedModel
 
     spec = ConvertedModel(directory).tokenizer()
     if spec is None:
-        raise ConfigError(f"{directory} has no tokenizer to encode the bench prompt")
-    ids = spec.build().encode(prompt)
-    if len(ids) < 2:
-        raise ConfigError("the bench prompt encodes to fewer than 2 tokens")
+        raise ConfigError(f"{directory} has no tokenizer to encode the bench text")
+    if settings.text is not None and not settings.text.is_file():
+        raise ConfigError(f"bench text {settings.text} not found")
+    text = settings.text.read_text() if settings.text else shipped_text("heldout.txt")
+    need = PROMPT_TOKENS + settings.tokens
+    ids = spec.build().encode(text)[:need]
+    if len(ids) < need:
+        raise ConfigError(f"the bench text has {len(ids)} tokens; --tokens needs {need}")
     return ids
 
 
-def _decode(forward, prompt_ids: list[int], settings: BenchSettings, bar) -> list[int]:
-    """Greedy: the prompt, then tokens until --tokens or --max-seconds; the decoded ids."""
-    logits = forward(prompt_ids)
+def _decode(forward, ids: list[int], settings: BenchSettings, bar) -> list[int]:
+    """The prompt, then the text's next tokens one per step until --tokens or --max-seconds;
+    the model's greedy prediction at each step (the same for every row that computes right)."""
+    logits = forward(ids[:PROMPT_TOKENS])
     bar.update(1)
     out: list[int] = []
     t0 = time.perf_counter()
-    while len(out) < settings.tokens and time.perf_counter() - t0 < settings.max_seconds:
+    for token in ids[PROMPT_TOKENS:]:
+        if time.perf_counter() - t0 >= settings.max_seconds:
+            break
         out.append(int(logits[-1].argmax()))
-        logits = forward([out[-1]])
+        logits = forward([token])
         bar.update(1)
     return out
 
@@ -144,7 +155,7 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
     from streamer.engine import load_engine, rss_bytes
 
     reset_peak_rss()
-    max_len = len(ids) + settings.tokens + 1
+    max_len = len(ids) + 1
     with load_engine(
         directory,
         mode=mode,
@@ -174,8 +185,8 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
 
 
 async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: Path, bar):
-    from protocol.messages import Token
-    from streamer.client import Client
+    import anyio
+
     from streamer.pipeline import Pipeline, PipelineConfig
 
     run_dir.mkdir(mode=0o700)
@@ -188,29 +199,21 @@ async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: P
         concurrency=settings.concurrency,
         serial=serial,
         compute_threads=settings.threads,
-        context=len(ids) + settings.tokens + 2,
+        context=len(ids) + 1,
     )
-    out: list[int] = []
-    async with Pipeline.launch(config) as p, Client(p.endpoint, timeout=600) as client:
-        t0 = None
-        async for event in client.generate(
-            # The first token comes from the prompt's step: as many decode steps as a row's.
-            prompt_ids=ids,
-            max_tokens=settings.tokens + 1,
-            temperature=0,
-            ignore_eos=True,
-        ):
-            if isinstance(event, Token):
-                out.append(event.token_id)
-                bar.update(1)
-                t0 = t0 or time.perf_counter()
-                if time.perf_counter() - t0 > settings.max_seconds:
-                    break  # cancels the request
-        assert p.engine is not None
-        steps = [s for s in p.engine.telemetry.steps[1:] if s["tokens"] == 1]
+    async with Pipeline.launch(config) as p:
+        engine = p.engine  # the front end's side of the stages: the same forward as the rows'
+        assert engine is not None
+        cache = engine.new_cache(len(ids) + 1)
+
+        def forward(tokens: list[int]) -> torch.Tensor:
+            return engine.forward(torch.tensor(tokens), cache)
+
+        out = await anyio.to_thread.run_sync(_decode, forward, ids, settings, bar)
+        steps = [s for s in engine.telemetry.steps[1:] if s["tokens"] == 1]
         pids = [os.getpid(), *(st.proc.pid for st in p.stages.values() if st.proc is not None)]
         memory = {"pss_at_end": sum(_pss(pid) for pid in pids), "processes": len(pids)}
-    return steps, out[: settings.tokens], memory
+    return steps, out, memory
 
 
 def pipeline_row(directory: Path, serial: bool, ids: list[int], settings, bar) -> dict[str, Any]:
@@ -366,7 +369,7 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
             f"the accelerate row needs the Hugging Face directory {directory} was converted "
             "from: give --hf DIR, or leave the row out with --rows"
         )
-    ids = _prompt_ids(directory, settings.prompt)
+    ids = _text_ids(directory, settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "model": str(directory),
@@ -374,7 +377,8 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         "model_bytes": model_bytes,
         "dram_budget": budget,
         "window": settings.window,
-        "prompt_tokens": len(ids),
+        "prompt_tokens": PROMPT_TOKENS,
+        "text": str(settings.text or "streamer/data/heldout.txt"),
         "machine": machine(),
         "settings": {k: str(v) for k, v in asdict(settings).items()},
     }
@@ -469,6 +473,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"`{report['model']}`: {report['model_bytes'] / 1e9:.2f} GB, DRAM budget "
         f"{report['dram_budget'] / 1e9:.2f} GB, window {report['window']}; {report['machine']}",
+        f"text: {report['text']}, {report['prompt_tokens']} tokens of prompt, then one token "
+        "per step (teacher-forced)",
         f"disk probe: {report['probe']['gb_per_s']:.3f} GB/s for "
         f"{report['probe']['chunk'] // 1024} KiB reads (the bundle), "
         + (

@@ -379,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=4, help="tokens in the window (default: 4)")
     p.add_argument("--tokens", type=int, default=8, help="decoded tokens per row (default: 8)")
     p.add_argument(
+        "--text",
+        type=Path,
+        help="the text every row runs: 16 tokens of prompt, then one token per step "
+        "(default: the held-out text shipped with streamer)",
+    )
+    p.add_argument(
         "--max-seconds",
         type=float,
         default=60.0,
@@ -930,6 +936,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dram_budget=args.dram_budget,
         window=args.window,
         tokens=args.tokens,
+        text=args.text,
         max_seconds=args.max_seconds,
         rows=tuple(r.strip() for r in args.rows.split(",")) if args.rows else ROWS,
         hf=args.hf,

@@ -80,6 +80,10 @@ class PipelineConfig:
     # How bundle rows reach compute: "shared" memory (one host), "frames" (zero-copy ZeroMQ
     # frames: stages on different hosts), "auto": frames when a stage link is tcp://
     weights: str = "auto"
+    # The look-ahead reads a neuron of the next layer early only if its predicted probability
+    # is at least this (and above the calibrated threshold); the layer's own prediction fetches
+    # the rest. Early reads that turn out unneeded cost disk time and CPU that compute shares.
+    lookahead_p: float = 0.5
     dtype: str = ""  # compute dtype; "" = the stored one
     compute_threads: int = 0  # 0 = every core
     context: int = 2048
@@ -112,6 +116,7 @@ class PipelineConfig:
                 self.weights in ("auto", "shared", "frames"),
                 "weights must be auto, shared or frames",
             ),
+            (0 <= self.lookahead_p < 1, "lookahead_p must be in [0, 1)"),
             (set(self.remote) <= set(STAGES), f"remote takes only {', '.join(STAGES)}"),
             (
                 not self.remote or self.weights != "shared",
@@ -286,6 +291,7 @@ def stage_spec(
         window=config.window,
         serial=config.serial,
         frames=frames,
+        lookahead_p=config.lookahead_p,
         concurrency=config.concurrency,
         direct=config.direct,
         threads=threads if name == "compute" else 1,
@@ -565,7 +571,8 @@ class Pipeline:
             st.proc = mp.Process(
                 target=_target(st.name), args=(st.spec,), name=f"streamer-{st.name}"
             )
-            st.proc.start()
+            with _environment(OMP_WAIT_POLICY="PASSIVE"):
+                st.proc.start()
         else:
             tg.start_soon(self._stage_task, st)
 
@@ -681,6 +688,21 @@ class Pipeline:
             p.join(max(deadline - time.monotonic(), 0.01))
         for p in procs:
             _kill(p)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables for the processes started inside (a spawned child inherits the
+    environment at its start), unless the user set them. OMP_WAIT_POLICY=PASSIVE: a stage's
+    idle OpenMP threads sleep instead of spinning on the cores the other stages need (measured
+    on the OPT-6.7B shape, 2 cores: --serial 1.61 s a token with ACTIVE, 0.95 s PASSIVE)."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _kill(proc) -> None:

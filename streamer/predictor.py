@@ -222,11 +222,16 @@ class Predictors:
         return _predict(self.layers[layer], self.thresholds[layer], x)
 
     @torch.inference_mode()
-    def predict_next(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
+    def predict_next(
+        self, layer: int, x: torch.Tensor, min_probability: float = 0.0
+    ) -> np.ndarray | None:
         """Layer `layer`'s FFN input -> the neurons of layer + 1 likely active (None: no
-        look-ahead predictor for this layer)."""
+        look-ahead predictor for this layer). `min_probability` raises the layer's threshold:
+        what the look-ahead leaves out, the layer's own predictor still asks for."""
         p = self.lookahead[layer] if layer < len(self.lookahead) else None
-        return None if p is None else _predict(p, self.lookahead_thresholds[layer], x)
+        if p is None:
+            return None
+        return _predict(p, max(self.lookahead_thresholds[layer], min_probability), x)
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file

@@ -55,6 +55,7 @@ WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health 
 PASSED_ON = (
     "predict_ms",
     "prefetch_ms",
+    "lookahead_wait_ms",
     "mem_ms",
     "predicted",
     "hits",

@@ -14,6 +14,7 @@ layer's true active sets (`fill`); the books take them (compute writes the rows 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import anyio
 import numpy as np
@@ -50,21 +51,23 @@ class PredictorStage:
             ]
         self.current = ""
 
-    def handle(self, msg) -> list:
+    def handle(self, msg) -> Iterator[Fetch]:
+        """The fetches a message makes, in the order they must go out (a generator: the
+        correction leaves before the look-ahead is even computed)."""
         if isinstance(msg, Reset):
             self.current = msg.request_id
             for c in self.caches:
                 c.reset()
-            return []
+            return
         if msg.request_id != self.current:
-            return []  # a sequence that has ended (or began before this stage restarted)
+            return  # a sequence that has ended (or began before this stage restarted)
         if isinstance(msg, Fill):
             sets = np.split(np.asarray(msg.neurons, dtype=np.int64), np.cumsum(msg.sizes)[:-1])
             self.caches[msg.layer].fill(sets, None)
-            return []
-        return self._predict(msg)
+            return
+        yield from self._predict(msg)
 
-    def _predict(self, msg: FFNInput) -> list:
+    def _predict(self, msg: FFNInput) -> Iterator[Fetch]:
         t0 = time.perf_counter()
         layer, lay = msg.layer, self.layout
         x = torch.from_numpy(np.array(msg.x)).to(self.dtype)  # [1, d]
@@ -80,39 +83,26 @@ class PredictorStage:
                 lay.scratch_base + np.arange(len(plan.overflow)),
             ]
         )
-        out: list = []
-        nxt = layer + 1
-        guess = None
-        if not self.spec.serial and nxt < self.n_layers:
-            guess = self.predictors.predict_next(layer, x)
         stats = {
             "predicted": len(active),
             "hits": plan.hits,
             "loaded": len(neurons),
             "evicted": plan.evicted,
             "overflow": len(plan.overflow),
-            "predict_ms": (t1 - t0 + time.perf_counter() - t2) * 1e3,
+            "predict_ms": (t1 - t0) * 1e3,
             "mem_ms": (t2 - t1) * 1e3,
         }
-        out.append(
-            Fetch(
-                msg.request_id,
-                msg.step,
-                layer,
-                neurons,
-                rows,
-                False,
-                cache.count,
-                stats,
-                plan.moves,
-            )
-        )
+        step, count = msg.step, cache.count
+        yield Fetch(msg.request_id, step, layer, neurons, rows, False, count, stats, plan.moves)
+        nxt = layer + 1
+        if self.spec.serial or nxt >= self.n_layers:
+            return
+        guess = self.predictors.predict_next(layer, x, self.spec.lookahead_p)
         if guess is not None:
             # Not in the next layer's window now: read into the staging slot of that layer.
             missing = guess[self.caches[nxt].row_of[guess] < 0]
             staged = lay.stage_base(nxt % 2) + np.arange(len(missing))
-            out.append(Fetch(msg.request_id, msg.step, nxt, missing, staged, lookahead=True))
-        return out
+            yield Fetch(msg.request_id, step, nxt, missing, staged, lookahead=True)
 
 
 async def serve(spec: StageSpec) -> None:

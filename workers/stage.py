@@ -49,6 +49,7 @@ class StageSpec:
     generation: int = 0
     parent_pid: int = 0
     frames: bool = False  # rows travel as frames; no shared memory (stages on several hosts)
+    lookahead_p: float = 0.0  # the look-ahead reads only neurons at least this likely
 
     def rows(self) -> SharedRows:
         """This stage's view of the window rows: the launcher's shared memory, or its own."""
