@@ -128,6 +128,9 @@ class FlashReader:
             os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         return done
 
+    def _pread_all(self, requests: list[tuple[int, memoryview]]) -> int:
+        return sum(self._pread(offset, view) for offset, view in requests)
+
     def read(self, requests: list[tuple[int, memoryview]], stats: ReadStats | None = None) -> int:
         """Read each (file offset, destination) pair, `concurrency` at a time; bytes read.
 
@@ -136,7 +139,12 @@ class FlashReader:
         if len(requests) == 1:
             total = self._pread(*requests[0])
         else:
-            total = sum(self.pool.map(lambda r: self._pread(*r), requests))
+            # `concurrency` threads, each reading its stripe of the requests one after another:
+            # as many reads in flight, without a future (and a wake-up) per read, which costs
+            # about as much CPU as a 16 KiB read takes the disk.
+            k = min(self.concurrency, len(requests))
+            stripes = [requests[i::k] for i in range(k)]
+            total = sum(self.pool.map(self._pread_all, stripes))
         if stats is not None:
             stats.bytes += total
             stats.reads += len(requests)

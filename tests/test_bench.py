@@ -1,7 +1,8 @@
-"""`streamer bench` on a small synthetic OPT (6 layers, d 1024, 180 MB): the whole flow of
-the benchmark, synth -> convert -> calibrate -> bench, from the command line. Checks that every
-row and ratio is there and that the rows read what the paper's Table 2 says they read; no
-timing is asserted (timings are what the benchmark reports, on the machine it runs on)."""
+"""`streamer bench` on a small synthetic OPT (6 layers, d 1024; 360 MB converted to float32):
+the whole flow of the benchmark, synth -> convert -> calibrate -> bench, from the command line.
+Checks that every row and ratio is there and that the rows read what the paper's Table 2 says
+they read; no timing is asserted (timings are what the benchmark reports, on the machine it runs
+on)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ def streamer(*args: str, timeout: int = 600) -> str:
 @pytest.mark.timeout(900)
 def test_bench_small_shape_every_row_and_ratio(tmp_path):
     hf, conv, out = tmp_path / "hf", tmp_path / "conv", tmp_path / "bench"
-    streamer("synth", "--like", "opt-6.7b", str(hf), "--layers", "6", "--scale", "4")
-    streamer("convert", str(hf), str(conv))
+    streamer(
+        "synth",
+        "--like",
+        "opt-6.7b",
+        str(hf),
+        "--layers",
+        "6",
+        "--scale",
+        "4",
+        "--dtype",
+        "float32",
+    )
+    # float32: a weight vector of d 1024 is 4 KiB, as OPT-6.7B's are in float16, so the window
+    # mode (each vector its own O_DIRECT read) reads no more than the bundles it is compared to;
+    # the peer loads the same float32 weights.
+    streamer("convert", str(hf), str(conv), "--dtype", "float32")
     calibrate = ["--ranks", "32", "--epochs", "3", "--batch", "64", "--lr", "1e-2", "--text"]
     streamer("calibrate", str(conv), *calibrate, str(hf / "calibration.txt"))
     # The pipeline keeps two whole staging layers: at this size that needs more than 50%.
@@ -53,11 +68,11 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
     assert report["probe_all"]["chunk"] >= report["probe"]["chunk"]
     b = {name: rows[name]["bytes_read"] for name in ROWS}
     assert b["window"] < b["predictor"] < b["naive"] and b["all"] < b["predictor"]
-    # Bundling reads the same neurons as the window alone, in fewer, larger reads (and no
-    # more bytes: here a 2 KiB vector costs a 4 KiB O_DIRECT read, so the window reads more).
+    # Bundling reads the same neurons as the window alone, in fewer, larger reads, and the
+    # same bytes.
     assert rows["all"]["token_ids"] == rows["window"]["token_ids"]
     assert rows["all"]["loaded"] == rows["window"]["loaded"] > 0
-    assert b["all"] <= b["window"]
+    assert b["all"] == b["window"]
     assert rows["all"]["reads"] < rows["window"]["reads"]
     # Table 3's split adds up to each engine row's total.
     for name in ("naive", "hybrid", "predictor", "window", "all"):
