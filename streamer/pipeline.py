@@ -481,8 +481,10 @@ class Pipeline:
     def _frames(self, endpoints: dict[str, str]) -> bool:
         """Whether the stages exchange rows as frames: they may be on different hosts when a
         link between them is tcp://, and then share no memory."""
-        if self.config.weights != "auto" or self.config.remote:
-            return self.config.weights == "frames" or bool(self.config.remote)
+        if self.config.remote:
+            return True  # a stage on another host cannot map this host's memory
+        if self.config.weights != "auto":
+            return self.config.weights == "frames"
         return any(endpoints[link].startswith("tcp://") for link in STAGE_LINKS)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED):
