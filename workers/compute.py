@@ -209,6 +209,11 @@ class PipelineFFN:
             copy_rows(cache, to, cache, src)
             ids[to] = ids[src]
         rows = np.asarray(msg.rows)
+        if len(rows) and len(msg.data) != len(rows):
+            raise StreamerError(
+                "rows_ready came without its rows: prefetch shares memory and compute does not "
+                "(give every host the same config)"
+            )
         if len(rows):
             self.shm.rows.numpy()[rows] = msg.data
             kept = rows < lay.scratch_base
