@@ -141,14 +141,12 @@ def fit_lowrank(
         fitted = xc @ coef  # [N, n]
     else:
         fitted = zc  # exactly xc @ coef
-    coef = coef.float()
     rank = min(rank, *fitted.shape)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # svd_lowrank's random projection: the same fit every run
-    _, _, v = torch.svd_lowrank(fitted, q=rank, niter=4)  # v: [n, r]
-    torch.random.set_rng_state(gen_state)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(0)  # svd_lowrank's random projection: the same fit every run
+        _, _, v = torch.svd_lowrank(fitted, q=rank, niter=4)  # v: [n, r]
     del fitted
-    down = (coef @ v).T  # [r, d]
+    down = (coef.float() @ v).T  # [r, d]
     spread = (zc - (xc @ down.T) @ v.T).std(0).clamp_min(1e-6)  # [n]
     scale = 1.702 / spread
     pred = LowRankPredictor(x.shape[1], v.shape[1], z.shape[1])

@@ -7,6 +7,7 @@ import torch
 
 from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.convert import convert
+from streamer.errors import ConfigError
 from streamer.predictor import fit_lowrank, pick_threshold, recall_precision
 from streamer.sources import HFSource
 from streamer.synth import synth
@@ -74,5 +75,5 @@ def test_closed_form_predictors_flag_fewer_neurons_than_sgd(synth_opt, tmp_path)
         fit: r["perplexity"]["predictor"] / r["perplexity"]["dense"] for fit, r in reports.items()
     }
     assert ppl["lowrank"] <= ppl["sgd"] * 1.01
-    with pytest.raises(Exception, match="--fit must be"):
+    with pytest.raises(ConfigError, match="--fit must be"):
         CalibrationSettings(fit="magic")
