@@ -63,6 +63,8 @@ class BenchSettings:
     probe_seconds: float = 2.0
     text: Path | None = None  # the text each row runs; None: the held-out text shipped
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    compute_cpus: str = ""  # the pipeline rows' affinity (PipelineConfig)
+    io_cpus: str = ""
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
@@ -70,6 +72,10 @@ class BenchSettings:
             raise ConfigError(f"--rows takes some of {', '.join(ROWS)}, got {unknown or 'none'}")
         if self.tokens < 2 or self.max_seconds <= 0 or self.window < 1:
             raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
+        from streamer.pipeline import parse_cpus
+
+        parse_cpus(self.compute_cpus, "--compute-cpus")  # before any row runs
+        parse_cpus(self.io_cpus, "--io-cpus")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -187,9 +193,12 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
 async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: Path, bar):
     import anyio
 
-    from streamer.pipeline import Pipeline, PipelineConfig
+    from streamer.pipeline import Pipeline, PipelineConfig, parse_cpus
 
     run_dir.mkdir(mode=0o700)
+    threads = settings.threads
+    if settings.compute_cpus:  # compute runs no more threads than it has CPUs
+        threads = min(threads, len(parse_cpus(settings.compute_cpus, "--compute-cpus")))
     config = PipelineConfig(
         model=str(directory),
         endpoint=f"ipc://{run_dir}/front.sock",
@@ -198,7 +207,9 @@ async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: P
         dram_budget=settings.dram_budget,
         concurrency=settings.concurrency,
         serial=serial,
-        compute_threads=settings.threads,
+        compute_threads=threads,
+        compute_cpus=settings.compute_cpus,
+        io_cpus=settings.io_cpus,
         context=len(ids) + 1,
     )
     async with Pipeline.launch(config) as p:
@@ -468,6 +479,14 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _affinity(settings: dict[str, Any]) -> str:
+    cpus = settings.get("compute_cpus"), settings.get("io_cpus")
+    if not any(cpus):
+        return ""
+    where = [c or "any" for c in cpus]
+    return f"; pipeline rows: compute on CPUs {where[0]}, predictor and prefetch on {where[1]}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     lines = [
@@ -483,7 +502,8 @@ def markdown(report: dict[str, Any]) -> str:
             if "probe_all" in report
             else ""
         )
-        + f"{report['probe']['concurrency']} in flight",
+        + f"{report['probe']['concurrency']} in flight"
+        + _affinity(report.get("settings", {})),
         "",
         "| row | tokens | read/token | reads/token | GB/s read | I/O ms | mem ms | compute ms "
         "| total ms (mean) | median [min-max] ms |",

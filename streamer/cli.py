@@ -404,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32, help="reads in flight (default: 32)")
     p.add_argument("--probe-seconds", type=float, default=2.0, help="disk probe time (2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--compute-cpus",
+        default="",
+        help='pipeline rows: the CPUs of compute, e.g. "0" (default: any), with at most '
+        "--threads threads",
+    )
+    p.add_argument(
+        "--io-cpus", default="", help="pipeline rows: the CPUs predictor and prefetch share"
+    )
     _add_threads(p)
     return parser
 
@@ -944,6 +953,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         probe_seconds=args.probe_seconds,
         threads=args.threads,
+        compute_cpus=args.compute_cpus,
+        io_cpus=args.io_cpus,
     )
     report = run_bench(_converted_dir(args.model), settings)
     print(json.dumps(report, default=str) if args.json else markdown(report))

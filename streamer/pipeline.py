@@ -89,7 +89,15 @@ class PipelineConfig:
     # correction.
     lookahead_p: float = 0.0
     dtype: str = ""  # compute dtype; "" = the stored one
-    compute_threads: int = 0  # 0 = every core
+    compute_threads: int = 0  # 0 = one per CPU of compute_cpus, else every core
+    # CPU affinity of the stage processes (Linux), as "0" or "0-5,8": compute's CPUs, and the
+    # CPUs the predictor and prefetch share. "" = wherever the OS puts them. Reading from flash
+    # costs CPU (here, a microVM that bounce-buffers every DMA: 25-35 us of CPU per 16 KiB
+    # read), so a look-ahead that reads while compute runs on every core slows compute by about
+    # what it saves; with compute_cpus and io_cpus apart it does not (README, "Overlap and
+    # CPUs").
+    compute_cpus: str = ""
+    io_cpus: str = ""
     context: int = 2048
     queue_size: int = 64
     heartbeat_s: float = 0.2
@@ -105,6 +113,8 @@ class PipelineConfig:
     remote: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        compute_cpus = parse_cpus(self.compute_cpus, "compute_cpus")
+        parse_cpus(self.io_cpus, "io_cpus")
         checks = [
             (self.window >= 1, "window must be at least 1"),
             (1 <= self.concurrency <= 1024, "concurrency must be in [1, 1024]"),
@@ -121,6 +131,10 @@ class PipelineConfig:
                 "weights must be auto, shared or frames",
             ),
             (0 <= self.lookahead_p < 1, "lookahead_p must be in [0, 1)"),
+            (
+                not compute_cpus or self.compute_threads <= len(compute_cpus),
+                "compute_threads must be at most the number of compute_cpus",
+            ),
             (set(self.remote) <= set(STAGES), f"remote takes only {', '.join(STAGES)}"),
             (
                 not self.remote or self.weights != "shared",
@@ -167,6 +181,39 @@ class PipelineConfig:
             if not ok:
                 raise ConfigError(f"{where}: {name} must be {want}, got {value!r}")
         return cls(**data)
+
+
+def parse_cpus(spec: str, name: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6); '' -> () (no affinity)."""
+    cpus: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi if dash else lo)
+            if not 0 <= first <= last:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ConfigError(
+            f'pipeline config: {name} {spec!r}: expected CPU numbers and ranges like "0-3,6"'
+        ) from None
+    return tuple(sorted(cpus))
+
+
+def check_cpus(config: PipelineConfig, stages: list[str]) -> None:
+    """The CPUs of `stages` (those this host runs) must be ones this host lets them run on."""
+    for key, wanted in (("compute_cpus", {"compute"}), ("io_cpus", {"predictor", "prefetch"})):
+        cpus = set(parse_cpus(getattr(config, key), key))
+        if not cpus or not wanted & set(stages):
+            continue
+        if not hasattr(os, "sched_getaffinity"):
+            raise ConfigError(f"pipeline config: {key} needs Linux (CPU affinity)")
+        have = os.sched_getaffinity(0)
+        if not cpus <= have:
+            raise ConfigError(
+                f"pipeline config: {key} names CPUs {sorted(cpus - have)}, not among those "
+                f"this host runs on: {sorted(have)}"
+            )
 
 
 @dataclass
@@ -285,7 +332,8 @@ def stage_spec(
 ) -> StageSpec:
     """A stage's whole setup, the same whether the launcher spawns it or another host runs
     it (`streamer stage`)."""
-    threads = config.compute_threads or os.cpu_count() or 1
+    compute_cpus = parse_cpus(config.compute_cpus, "compute_cpus")
+    threads = config.compute_threads or len(compute_cpus) or os.cpu_count() or 1
     return StageSpec(
         name=name,
         model_dir=plan.model.directory,
@@ -299,6 +347,7 @@ def stage_spec(
         concurrency=config.concurrency,
         direct=config.direct,
         threads=threads if name == "compute" else 1,
+        cpus=compute_cpus if name == "compute" else parse_cpus(config.io_cpus, "io_cpus"),
         dtype=config.dtype,
         heartbeat_s=config.heartbeat_s,
         limits=stage_limits(config, plan),
@@ -320,6 +369,7 @@ def run_remote_stage(name: str, config: PipelineConfig) -> None:
         raise ConfigError(
             f"the config does not list {name!r} in remote: its launcher would start it too"
         )
+    check_cpus(config, [name])
     spec = stage_spec(name, config, plan_pipeline(config), config.endpoints, True, Path())
     print(f"{name}: serving the pipeline of {config.endpoints['health']}", file=sys.stderr)
     _target(name)(spec)
@@ -494,6 +544,11 @@ class Pipeline:
         plan = plan_pipeline(config)
         model, cfg = plan.model, plan.model.config
         print(plan.describe(), file=sys.stderr, flush=True)
+        if self.processes:
+            check_cpus(config, [n for n in STAGES if n not in config.remote])
+        tokenizer_spec = model.tokenizer()
+        if tokenizer_spec is None:
+            raise ModelFormatError(f"{model.directory} has no tokenizer (tokenizer.json)")
         if config.run_dir:
             run_dir = Path(config.run_dir)
         else:
@@ -507,9 +562,6 @@ class Pipeline:
             print("weights: rows travel as zero-copy frames (no shared memory)", file=sys.stderr)
         ctx = zmq.asyncio.Context()
         health = to_compute = auth = None
-        tokenizer_spec = model.tokenizer()
-        if tokenizer_spec is None:
-            raise ModelFormatError(f"{model.directory} has no tokenizer (tokenizer.json)")
         tokenizer = tokenizer_spec.build()
         try:
             if not frames:

@@ -50,6 +50,7 @@ class StageSpec:
     parent_pid: int = 0
     frames: bool = False  # rows travel as frames; no shared memory (stages on several hosts)
     lookahead_p: float = 0.0  # the look-ahead reads only neurons at least this likely
+    cpus: tuple[int, ...] = ()  # the CPUs this stage runs on; () = any
 
     def rows(self) -> SharedRows:
         """This stage's view of the window rows: the launcher's shared memory, or its own."""
@@ -132,6 +133,12 @@ def run_stage(spec: StageSpec, serve) -> None:
     """A stage process's body: threads, signals, then `serve(spec)` under anyio."""
     import torch
 
+    if spec.cpus:  # before any thread that should inherit it starts (OpenMP's, anyio's)
+        try:
+            os.sched_setaffinity(0, spec.cpus)
+        except (AttributeError, OSError) as e:
+            say_dead(spec, f"cannot run on CPUs {list(spec.cpus)} here: {e}")
+            raise SystemExit(1) from None
     torch.set_num_threads(max(spec.threads, 1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: every thread's stack to stderr
