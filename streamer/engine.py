@@ -236,7 +236,7 @@ class Telemetry:
         )
         # The pipeline's steps say too how long compute waited for I/O, the predictor's and
         # prefetch's busy time, and how many rows came from look-ahead reads.
-        extra = ("wait_ms", "predict_ms", "prefetch_ms", "copied")
+        extra = ("wait_ms", "predict_ms", "prefetch_ms", "lookahead_wait_ms", "copied")
         keys += tuple(k for k in extra if self.steps and all(k in s for s in self.steps))
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
         if self.steps:  # the prompt's step on its own: prefill streams whole layers
