@@ -65,6 +65,7 @@ class BenchSettings:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     compute_cpus: str = ""  # the pipeline rows' affinity (PipelineConfig)
     io_cpus: str = ""
+    lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
@@ -210,6 +211,7 @@ async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: P
         compute_threads=threads,
         compute_cpus=settings.compute_cpus,
         io_cpus=settings.io_cpus,
+        lookahead_p=settings.lookahead_p,
         context=len(ids) + 1,
     )
     async with Pipeline.launch(config) as p:

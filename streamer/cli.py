@@ -413,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--io-cpus", default="", help="pipeline rows: the CPUs predictor and prefetch share"
     )
+    p.add_argument(
+        "--lookahead-p",
+        type=float,
+        default=0.0,
+        help="pipeline rows: read early only neurons at least this likely (default: 0, the "
+        "calibrated threshold)",
+    )
     _add_threads(p)
     return parser
 
@@ -955,6 +962,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         compute_cpus=args.compute_cpus,
         io_cpus=args.io_cpus,
+        lookahead_p=args.lookahead_p,
     )
     report = run_bench(_converted_dir(args.model), settings)
     print(json.dumps(report, default=str) if args.json else markdown(report))
