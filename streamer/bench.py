@@ -73,6 +73,8 @@ class BenchSettings:
             raise ConfigError(f"--rows takes some of {', '.join(ROWS)}, got {unknown or 'none'}")
         if self.tokens < 2 or self.max_seconds <= 0 or self.window < 1:
             raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
+        if not 0 <= self.lookahead_p < 1:
+            raise ConfigError(f"--lookahead-p must be in [0, 1), got {self.lookahead_p}")
         from streamer.pipeline import parse_cpus
 
         parse_cpus(self.compute_cpus, "--compute-cpus")  # before any row runs

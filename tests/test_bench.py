@@ -97,3 +97,7 @@ def test_bench_settings_are_checked():
         BenchSettings(rows=("all", "fastest"))
     with pytest.raises(ConfigError, match="--tokens"):
         BenchSettings(tokens=1)
+    with pytest.raises(ConfigError, match="--lookahead-p"):
+        BenchSettings(lookahead_p=1.0)
+    with pytest.raises(ConfigError, match="--compute-cpus '0-'"):
+        BenchSettings(compute_cpus="0-")
