@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus
 from streamer.errors import ConfigError
 
 ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
@@ -59,7 +60,7 @@ class BenchSettings:
     rows: tuple[str, ...] = ROWS
     hf: Path | None = None  # the peer's model: the Hugging Face directory converted from
     out: Path = Path("bench")
-    concurrency: int = 32
+    concurrency: int = DEFAULT_CONCURRENCY
     probe_seconds: float = 2.0
     text: Path | None = None  # the text each row runs; None: the held-out text shipped
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -75,8 +76,6 @@ class BenchSettings:
             raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
         if not 0 <= self.lookahead_p < 1:
             raise ConfigError(f"--lookahead-p must be in [0, 1), got {self.lookahead_p}")
-        from streamer.pipeline import parse_cpus
-
         parse_cpus(self.compute_cpus, "--compute-cpus")  # before any row runs
         parse_cpus(self.io_cpus, "--io-cpus")
 
@@ -196,7 +195,7 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
 async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: Path, bar):
     import anyio
 
-    from streamer.pipeline import Pipeline, PipelineConfig, parse_cpus
+    from streamer.pipeline import Pipeline, PipelineConfig
 
     run_dir.mkdir(mode=0o700)
     threads = settings.threads

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, ModelFormatError, StreamerError
 
 MODEL_HELP = (
@@ -57,7 +58,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         "(default: no cap)",
     )
     g.add_argument(
-        "--concurrency", type=int, default=32, help="flash reads in flight (default: %(default)s)"
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="flash reads in flight (default: 4 per CPU, at most 32: %(default)s here)",
     )
     g.add_argument(
         "--buffered",
@@ -401,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the peer's Hugging Face directory (default: the one MODEL was converted from)",
     )
     p.add_argument("--out", type=Path, default=Path("bench"), help="output directory (./bench)")
-    p.add_argument("--concurrency", type=int, default=32, help="reads in flight (default: 32)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="reads in flight (default: 4 per CPU, at most 32: %(default)s here)",
+    )
     p.add_argument("--probe-seconds", type=float, default=2.0, help="disk probe time (2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -783,7 +792,7 @@ def _serve_pipeline(args: argparse.Namespace) -> int:
         "direct": False if args.buffered else None,
         # Options with defaults override the file only when they differ from the default.
         "window": args.window if args.window != 4 else None,
-        "concurrency": args.concurrency if args.concurrency != 32 else None,
+        "concurrency": args.concurrency if args.concurrency != DEFAULT_CONCURRENCY else None,
         "context": args.context if args.context != 2048 else None,
     }
     if args.mode not in ("auto", "all"):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer, merge_runs
 from streamer.layout import ConvertedModel, parse_dtype
@@ -621,7 +622,7 @@ def load_engine(
     mode: str = "all",
     window: int = 4,
     dram_budget: str | int | None = None,
-    concurrency: int = 32,
+    concurrency: int = DEFAULT_CONCURRENCY,
     direct: bool = True,
     dtype: str | None = None,
     max_len: int = 2048,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, StreamerError
 
 ALIGN = 4096
@@ -60,7 +61,7 @@ class FlashReader:
     def __init__(
         self,
         path: str | os.PathLike,
-        concurrency: int = 32,
+        concurrency: int = DEFAULT_CONCURRENCY,
         direct: bool = True,
         max_read: int = 1 << 20,
     ) -> None:

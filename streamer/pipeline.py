@@ -52,6 +52,7 @@ import zmq.asyncio
 from protocol.codec import decode, encode
 from protocol.messages import Dead, Error, Forward, Heartbeat, Limits, ProtocolError, Ready
 from protocol.sockets import Security, make_socket, start_authenticator
+from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.engine import WORKING_MEMORY, Telemetry, _kv_bytes, parse_budget, rss_bytes
 from streamer.errors import ConfigError, ModelFormatError, StreamerError
 from streamer.layout import ConvertedModel, parse_dtype
@@ -74,7 +75,7 @@ class PipelineConfig:
     shm_dir: str = "/dev/shm"
     window: int = 4
     dram_budget: str = ""  # "" = no cap; "50%", "4GiB", ...
-    concurrency: int = 32
+    concurrency: int = 0  # flash reads in flight; 0 = 4 per CPU, at most 32
     direct: bool = True
     serial: bool = False  # the same stages, without overlap (for comparison)
     # How bundle rows reach compute: "shared" memory (one host), "frames" (zero-copy ZeroMQ
@@ -117,7 +118,7 @@ class PipelineConfig:
         parse_cpus(self.io_cpus, "io_cpus")
         checks = [
             (self.window >= 1, "window must be at least 1"),
-            (1 <= self.concurrency <= 1024, "concurrency must be in [1, 1024]"),
+            (0 <= self.concurrency <= 1024, "concurrency must be in [0, 1024]"),
             (self.compute_threads >= 0, "compute_threads must be >= 0"),
             (self.context >= 2, "context must be at least 2"),
             (self.queue_size >= 1, "queue_size must be at least 1"),
@@ -183,32 +184,15 @@ class PipelineConfig:
         return cls(**data)
 
 
-def parse_cpus(spec: str, name: str) -> tuple[int, ...]:
-    """'0-3,6' -> (0, 1, 2, 3, 6); '' -> () (no affinity)."""
-    cpus: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            lo, dash, hi = part.partition("-")
-            first, last = int(lo), int(hi if dash else lo)
-            if not 0 <= first <= last:
-                raise ValueError
-            cpus.update(range(first, last + 1))
-    except ValueError:
-        raise ConfigError(
-            f'pipeline config: {name} {spec!r}: expected CPU numbers and ranges like "0-3,6"'
-        ) from None
-    return tuple(sorted(cpus))
-
-
 def check_cpus(config: PipelineConfig, stages: list[str]) -> None:
     """The CPUs of `stages` (those this host runs) must be ones this host lets them run on."""
     for key, wanted in (("compute_cpus", {"compute"}), ("io_cpus", {"predictor", "prefetch"})):
         cpus = set(parse_cpus(getattr(config, key), key))
         if not cpus or not wanted & set(stages):
             continue
-        if not hasattr(os, "sched_getaffinity"):
+        if not hasattr(os, "sched_setaffinity"):
             raise ConfigError(f"pipeline config: {key} needs Linux (CPU affinity)")
-        have = os.sched_getaffinity(0)
+        have = usable_cpus()
         if not cpus <= have:
             raise ConfigError(
                 f"pipeline config: {key} names CPUs {sorted(cpus - have)}, not among those "
@@ -344,7 +328,7 @@ def stage_spec(
         serial=config.serial,
         frames=frames,
         lookahead_p=config.lookahead_p,
-        concurrency=config.concurrency,
+        concurrency=config.concurrency or DEFAULT_CONCURRENCY,
         direct=config.direct,
         threads=threads if name == "compute" else 1,
         cpus=compute_cpus if name == "compute" else parse_cpus(config.io_cpus, "io_cpus"),

@@ -25,6 +25,7 @@ from protocol.messages import Token
 from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.client import Client, ClientError
 from streamer.convert import convert
+from streamer.cpus import parse_cpus
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.generate import Generation, SamplingParams
@@ -33,7 +34,6 @@ from streamer.pipeline import (
     STAGES,
     Pipeline,
     PipelineConfig,
-    parse_cpus,
     plan_pipeline,
     run_remote_stage,
 )
@@ -384,6 +384,8 @@ def test_config_is_validated(tmp_path):
         PipelineConfig(io_cpus="one")
     with pytest.raises(ConfigError, match="compute_threads must be at most"):
         PipelineConfig(compute_cpus="0", compute_threads=2)
+    with pytest.raises(ConfigError, match=r"concurrency must be in \[0, 1024\]"):
+        PipelineConfig(concurrency=-1)
     shipped = PipelineConfig.from_toml(
         os.path.join(os.path.dirname(__file__), "..", "deploy", "pipeline.toml")
     )
