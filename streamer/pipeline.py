@@ -93,10 +93,10 @@ class PipelineConfig:
     compute_threads: int = 0  # 0 = one per CPU of compute_cpus, else every core
     # CPU affinity of the stage processes (Linux), as "0" or "0-5,8": compute's CPUs, and the
     # CPUs the predictor and prefetch share. "" = wherever the OS puts them. Reading from flash
-    # costs CPU (here, a microVM that bounce-buffers every DMA: 25-35 us of CPU per 16 KiB
-    # read), so a look-ahead that reads while compute runs on every core slows compute by about
-    # what it saves; with compute_cpus and io_cpus apart it does not (README, "Overlap and
-    # CPUs").
+    # costs CPU (on this project's 2-core microVM, which bounce-buffers every DMA: 25-35 us of
+    # CPU per 16 KiB read), so a look-ahead that reads while compute runs on every core slows
+    # compute by about what it saves; with compute_cpus and io_cpus apart it does not (README,
+    # "Overlap and CPUs").
     compute_cpus: str = ""
     io_cpus: str = ""
     context: int = 2048
@@ -317,7 +317,7 @@ def stage_spec(
     """A stage's whole setup, the same whether the launcher spawns it or another host runs
     it (`streamer stage`)."""
     compute_cpus = parse_cpus(config.compute_cpus, "compute_cpus")
-    threads = config.compute_threads or len(compute_cpus) or os.cpu_count() or 1
+    threads = config.compute_threads or len(compute_cpus) or len(usable_cpus())
     return StageSpec(
         name=name,
         model_dir=plan.model.directory,
