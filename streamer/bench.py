@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus
+from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.errors import ConfigError
 
 ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
@@ -63,7 +63,7 @@ class BenchSettings:
     concurrency: int = DEFAULT_CONCURRENCY
     probe_seconds: float = 2.0
     text: Path | None = None  # the text each row runs; None: the held-out text shipped
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = field(default_factory=lambda: len(usable_cpus()))
     compute_cpus: str = ""  # the pipeline rows' affinity (PipelineConfig)
     io_cpus: str = ""
     lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)

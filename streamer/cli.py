@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamer.cpus import DEFAULT_CONCURRENCY
+from streamer.cpus import DEFAULT_CONCURRENCY, usable_cpus
 from streamer.errors import ConfigError, ModelFormatError, StreamerError
 
 MODEL_HELP = (
@@ -28,8 +28,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch compute threads (default: all cores, %(default)s)",
+        default=len(usable_cpus()),
+        help="torch compute threads (default: every CPU this process may use, %(default)s)",
     )
 
 
