@@ -252,7 +252,7 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
                     arrived.append(time.perf_counter())
                     done = event
                 results[serial].append(done)
-                if i:  # the last event is the summary
+                if i:  # after the warm-up; the last event is the summary, not a token
                     gaps[serial] += [b - a for a, b in itertools.pairwise(arrived[:-1])]
     between = {serial: statistics.median(g) * 1e3 for serial, g in gaps.items()}
     serial, overlap = results[True], results[False]
