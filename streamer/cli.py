@@ -1010,9 +1010,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from protocol.messages import ProtocolError
+
     try:
         return COMMANDS[args.command](args)
-    except StreamerError as e:
+    except (StreamerError, ProtocolError) as e:  # a bad endpoint or socket setting, too
         print(f"streamer {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

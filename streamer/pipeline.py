@@ -499,7 +499,8 @@ class Pipeline:
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # one clear error for the embedder, not a tree
-            errors = group.subgroup(StreamerError)
+            # Ours, and the protocol package's (an endpoint refused by the socket factory).
+            errors = group.subgroup((StreamerError, ProtocolError))
             if errors is None:
                 raise
             first = errors

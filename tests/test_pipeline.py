@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.messages import Token
+from protocol.sockets import SocketError
 from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.client import Client, ClientError
 from streamer.convert import convert
@@ -176,6 +177,20 @@ async def test_cpus_the_host_lacks_are_refused_before_a_stage_starts(calibrated,
     missing = max(os.sched_getaffinity(0)) + 1
     cfg = config(tmp_path, calibrated("opt"), compute_cpus=f"0,{missing}")
     with pytest.raises(ConfigError, match=rf"compute_cpus names CPUs \[{missing}\], not among"):
+        async with Pipeline.launch(cfg):
+            pass
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith("streamer")]  # no shm left
+
+
+@pytest.mark.asyncio
+async def test_a_refused_endpoint_is_one_clear_error(calibrated, tmp_path):
+    """The socket factory refuses an ipc directory others may enter: the embedder gets that
+    error itself (not a tree of task-group errors), and nothing is left behind."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    cfg = config(tmp_path, calibrated("opt"), endpoint=f"ipc://{shared}/front.sock")
+    with pytest.raises(SocketError, match="mode 0700"):
         async with Pipeline.launch(cfg):
             pass
     assert not [f for f in tmp_path.iterdir() if f.name.startswith("streamer")]  # no shm left
