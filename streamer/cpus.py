@@ -23,7 +23,8 @@ DEFAULT_CONCURRENCY = min(32, 4 * len(usable_cpus()))
 
 
 def parse_cpus(spec: str, name: str) -> tuple[int, ...]:
-    """'0-3,6' -> (0, 1, 2, 3, 6); '' -> () (no affinity)."""
+    """'0-3,6' -> (0, 1, 2, 3, 6); '' -> () (no affinity). `name` says where `spec` came
+    from, in the error."""
     cpus: set[int] = set()
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -34,6 +35,6 @@ def parse_cpus(spec: str, name: str) -> tuple[int, ...]:
             cpus.update(range(first, last + 1))
     except ValueError:
         raise ConfigError(
-            f'pipeline config: {name} {spec!r}: expected CPU numbers and ranges like "0-3,6"'
+            f'{name} {spec!r}: expected CPU numbers and ranges like "0-3,6"'
         ) from None
     return tuple(sorted(cpus))

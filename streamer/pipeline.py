@@ -114,8 +114,8 @@ class PipelineConfig:
     remote: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        compute_cpus = parse_cpus(self.compute_cpus, "compute_cpus")
-        parse_cpus(self.io_cpus, "io_cpus")
+        compute_cpus = self.cpus("compute_cpus")
+        self.cpus("io_cpus")
         checks = [
             (self.window >= 1, "window must be at least 1"),
             (0 <= self.concurrency <= 1024, "concurrency must be in [0, 1024]"),
@@ -150,6 +150,10 @@ class PipelineConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"pipeline config: {message}")
+
+    def cpus(self, key: str) -> tuple[int, ...]:
+        """`compute_cpus` or `io_cpus`, as CPU numbers."""
+        return parse_cpus(getattr(self, key), f"pipeline config: {key}")
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, **overrides: Any) -> PipelineConfig:
@@ -187,7 +191,7 @@ class PipelineConfig:
 def check_cpus(config: PipelineConfig, stages: list[str]) -> None:
     """The CPUs of `stages` (those this host runs) must be ones this host lets them run on."""
     for key, wanted in (("compute_cpus", {"compute"}), ("io_cpus", {"predictor", "prefetch"})):
-        cpus = set(parse_cpus(getattr(config, key), key))
+        cpus = set(config.cpus(key))
         if not cpus or not wanted & set(stages):
             continue
         if not hasattr(os, "sched_setaffinity"):
@@ -316,7 +320,7 @@ def stage_spec(
 ) -> StageSpec:
     """A stage's whole setup, the same whether the launcher spawns it or another host runs
     it (`streamer stage`)."""
-    compute_cpus = parse_cpus(config.compute_cpus, "compute_cpus")
+    compute_cpus = config.cpus("compute_cpus")
     threads = config.compute_threads or len(compute_cpus) or len(usable_cpus())
     return StageSpec(
         name=name,
@@ -331,7 +335,7 @@ def stage_spec(
         concurrency=config.concurrency or DEFAULT_CONCURRENCY,
         direct=config.direct,
         threads=threads if name == "compute" else 1,
-        cpus=compute_cpus if name == "compute" else parse_cpus(config.io_cpus, "io_cpus"),
+        cpus=compute_cpus if name == "compute" else config.cpus("io_cpus"),
         dtype=config.dtype,
         heartbeat_s=config.heartbeat_s,
         limits=stage_limits(config, plan),
