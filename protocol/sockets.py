@@ -7,6 +7,7 @@
   pair); the server side admits only the client public keys in a directory, through pyzmq's
   authenticator. Plain tcp needs an explicit `insecure=True`.
 - Key pairs are made by `make_keys` (`streamer keys DIR`), as pyzmq's certificate files.
+- `Sockets` holds one context's sockets and its authenticator, and closes them all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+import zmq.asyncio
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
@@ -125,6 +127,46 @@ def start_authenticator(ctx: zmq.Context, security: Security) -> ThreadAuthentic
     auth.start()
     auth.configure_curve(domain="*", location=str(security.authorized_dir or security.key_dir))
     return auth
+
+
+class Sockets:
+    """The one way our processes make sockets: a context, its sockets (`make_socket`), and the
+    ZAP authenticator, started before the first tcp:// socket binds (a CURVE server admits only
+    the authorized client keys). `close()` closes every socket (linger 0), stops the
+    authenticator and terminates the context; so does leaving `with`."""
+
+    def __init__(
+        self, security: Security | None = None, asyncio: bool = False, hwm: int = 1000
+    ) -> None:
+        self.security = security or Security()
+        self.ctx: zmq.Context = zmq.asyncio.Context() if asyncio else zmq.Context()
+        self.hwm = hwm
+        self.auth: ThreadAuthenticator | None = None
+        self.sockets: list[zmq.Socket] = []
+
+    def socket(self, kind: int, endpoint: str, bind: bool, linger_ms: int = 0) -> zmq.Socket:
+        if bind and scheme_of(endpoint) == "tcp" and self.auth is None:
+            self.auth = start_authenticator(self.ctx, self.security)
+        sock = make_socket(self.ctx, kind, endpoint, bind, self.security, linger_ms, self.hwm)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        if self.ctx.closed:
+            return
+        for sock in self.sockets:
+            sock.close(linger=0)
+        self.sockets = []
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.term()
+
+    def __enter__(self) -> Sockets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def make_keys(directory: Path) -> dict[str, Path]:

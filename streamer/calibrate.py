@@ -61,19 +61,21 @@ class CalibrationSettings:
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
-            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}", "sparsity")
         if not 0 < self.target_recall <= 1:
-            raise ConfigError(f"--recall must be in (0, 1], got {self.target_recall}")
+            raise ConfigError(f"recall must be in (0, 1], got {self.target_recall}", "recall")
         if self.epochs < 1 or self.max_tokens < 16 or self.chunk < 2:
-            raise ConfigError("--epochs must be >= 1 and --max-tokens >= 16")
+            raise ConfigError("epochs must be >= 1 and max_tokens >= 16", "epochs")
         if self.batch < 1 or not 0 < self.lr < 1:
             raise ConfigError(
-                f"--batch must be >= 1 and --lr in (0, 1), got {self.batch}, {self.lr}"
+                f"batch must be >= 1 and lr in (0, 1), got {self.batch}, {self.lr}", "batch"
             )
         if self.fit not in ("auto", "lowrank", "sgd"):
-            raise ConfigError(f"--fit must be auto, lowrank or sgd, got {self.fit}")
+            raise ConfigError(f"fit must be auto, lowrank or sgd, got {self.fit}", "fit")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
+            raise ConfigError(
+                f"dtype must be float32, bfloat16 or float16, got {self.dtype}", "dtype"
+            )
 
 
 class MaskedFFN:

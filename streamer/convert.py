@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from streamer.errors import ModelFormatError
@@ -102,7 +103,6 @@ def convert(
 
 
 def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, progress: bool) -> int:
-    from safetensors.torch import save_file
 
     cfg = source.config
     layout = BundleLayout.for_config(cfg, dtype)

@@ -1,5 +1,5 @@
 """The CPUs a process may use: how many, how a setting names them, and how many reads to keep in
-flight by default. Light on purpose (no torch): the command line's defaults come from here."""
+flight by default."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ def usable_cpus() -> set[int]:
 
 
 # Reads in flight by default: 4 per usable CPU, at most 32. A read costs CPU as well as disk
-# time (25-35 us of CPU per 16 KiB read on this project's 2-core microVM, more with more threads
-# switching); there 8 in flight read as fast as 32 for less CPU, and the bench's `all` row ran
-# faster (README, "Overlap and CPUs").
+# time, so more threads than this read no faster (README, "Decisions", has the measurement).
 DEFAULT_CONCURRENCY = min(32, 4 * len(usable_cpus()))
 
 

@@ -18,14 +18,10 @@ loaded, evicted, and time as I/O / memory management / compute (the paper's Tabl
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,106 +29,38 @@ import torch.nn.functional as F
 
 from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, ModelFormatError
-from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer, merge_runs
-from streamer.layout import ConvertedModel, parse_dtype
-from streamer.model import ACTIVATION_FNS, FFNWeights, KVCache, Transformer, ffn_forward
+from streamer.ffn import (
+    bundle_reads,
+    ffn_biases,
+    layer_weights,
+    load_resident,
+    prefill_ffn,
+    safetensors_index,
+    sparse_ffn,
+)
+from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer
+from streamer.layout import RESIDENT_FILE, ConvertedModel, parse_dtype
+from streamer.memory import (
+    WORKING_MEMORY,
+    MemoryPlan,
+    kv_bytes,
+    nbytes,
+    parse_budget,
+    plan_memory,
+    rss_bytes,
+)
+from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
 from streamer.predictor import Predictors
 from streamer.sources import Source, load_dense
+from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
 
 MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
-WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
-ROW_BUCKET = 64  # row counts are rounded up to this (see _rows_forward)
 VECTOR_BATCH = 256  # the window mode's vector reads in flight at once
-
-_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "k": 2**10,
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-}  # bare letters: binary, as fio reads them
-
-
-def rss_bytes(peak: bool = False) -> int:
-    """Resident set size of this process (VmHWM, the peak, with peak=True)."""
-    key = "VmHWM:" if peak else "VmRSS:"
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def parse_budget(spec: str | int | None, model_bytes: int) -> int | None:
-    """'60%' (of the model's size), '2GiB', '500MB', '123456' (bytes) -> bytes; None: no cap."""
-    if spec is None or spec == "":
-        return None
-    if isinstance(spec, int):
-        value = spec
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", spec)
-        if not m or (m.group(2) != "%" and m.group(2).lower() not in _UNITS):
-            raise ConfigError(
-                f"--dram-budget {spec!r}: expected bytes, a size such as 2GiB or "
-                "500MB, or a percentage of the model such as 60%"
-            )
-        number, unit = float(m.group(1)), m.group(2)
-        value = (
-            int(number / 100 * model_bytes) if unit == "%" else int(number * _UNITS[unit.lower()])
-        )
-    if value <= 0:
-        raise ConfigError(f"--dram-budget must be positive, got {spec!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- resident part
-
-
-def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """name -> (dtype, shape, first byte, end byte) in the file, from its header."""
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: unreadable safetensors header ({e})") from None
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = (_ST_DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
-    return out
-
-
-def load_resident(
-    model: ConvertedModel, dtype: torch.dtype, names: list[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """The resident tensors, read with plain reads (no mmap, whose file pages would count in RSS
-    on top of the copies), then dropped from the page cache."""
-    path = model.directory / "resident.safetensors"
-    index = safetensors_index(path)
-    out = {}
-    with path.open("rb") as f:
-        for name in model.resident_names() if names is None else names:
-            st_dtype, shape, start, end = index[name]
-            arr = np.fromfile(f, dtype=np.uint8, count=end - start, offset=start - f.tell())
-            out[name] = torch.from_numpy(arr).view(st_dtype).reshape(shape).to(dtype)
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return out
 
 
 class StreamedResident(Mapping):
@@ -162,96 +90,6 @@ class StreamedResident(Mapping):
         return len(self.index)
 
 
-# --------------------------------------------------------------------------- telemetry
-
-
-@dataclass
-class LayerStats:
-    layer: int
-    bytes_read: int = 0
-    reads: int = 0
-    predicted: int = 0
-    hits: int = 0
-    loaded: int = 0
-    evicted: int = 0
-    overflow: int = 0
-    cached: int = 0
-    io_ms: float = 0.0
-    mem_ms: float = 0.0
-
-
-class Telemetry:
-    """Per step (one forward call: the prompt, or one decoded token) and per layer."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
-        self.layers: list[LayerStats] = []
-        self.extra = ReadStats()  # reads outside the FFN (naive mode's resident part)
-        self._t0 = 0.0
-
-    def reset(self) -> None:
-        """Forget the steps recorded so far (a server's next request)."""
-        self.steps = []
-
-    def begin(self) -> None:
-        self.layers = []
-        self.extra = ReadStats()
-        self._t0 = time.perf_counter()
-
-    def end(self, tokens: int) -> dict[str, Any]:
-        total_ms = (time.perf_counter() - self._t0) * 1e3
-        io_ms = sum(s.io_ms for s in self.layers) + self.extra.seconds * 1e3
-        mem_ms = sum(s.mem_ms for s in self.layers)
-        step = {
-            "step": len(self.steps),
-            "tokens": tokens,
-            "bytes_read": sum(s.bytes_read for s in self.layers) + self.extra.bytes,
-            "reads": sum(s.reads for s in self.layers) + self.extra.reads,
-            **{
-                k: sum(getattr(s, k) for s in self.layers)
-                for k in ("predicted", "hits", "loaded", "evicted", "overflow", "cached")
-            },
-            "io_ms": round(io_ms, 3),
-            "mem_ms": round(mem_ms, 3),
-            "compute_ms": round(total_ms - io_ms - mem_ms, 3),
-            "total_ms": round(total_ms, 3),
-            "layers": [_rounded(vars(s)) for s in self.layers],
-        }
-        self.steps.append(step)
-        return step
-
-    def summary(self) -> dict[str, Any]:
-        """Totals of the run, and per-token means over the decode steps (one token each)."""
-        keys = (
-            "bytes_read",
-            "reads",
-            "io_ms",
-            "mem_ms",
-            "compute_ms",
-            "total_ms",
-            "predicted",
-            "hits",
-            "loaded",
-            "evicted",
-            "overflow",
-        )
-        # The pipeline's steps say too how long compute waited for I/O, the predictor's and
-        # prefetch's busy time, and how many rows came from look-ahead reads.
-        extra = ("wait_ms", "predict_ms", "prefetch_ms", "lookahead_wait_ms", "copied")
-        keys += tuple(k for k in extra if self.steps and all(k in s for s in self.steps))
-        out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
-        if self.steps:  # the prompt's step on its own: prefill streams whole layers
-            out["prefill"] = {k: self.steps[0][k] for k in keys}
-        decode = [s for s in self.steps if s["tokens"] == 1]
-        if decode:
-            out["per_token"] = {k: round(sum(s[k] for s in decode) / len(decode), 3) for k in keys}
-        return out
-
-
-def _rounded(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
-
-
 # --------------------------------------------------------------------------- the FFN
 
 
@@ -274,16 +112,9 @@ class FlashFFN:
         self.cfg, self.layout, self.mode, self.dtype = cfg, lay, mode, dtype
         self.reader, self.telemetry, self.predictors = reader, telemetry, predictors
         self.act = ACTIVATION_FNS[cfg.activation]
-        res = resident or {}
         # The FFN math runs in the stored dtype, on the rows as read; the rest of the model in
-        # `dtype`. Biases follow the rows.
-        self.biases = [
-            {
-                k: None if (t := res.get(f"layers.{i}.ffn.{k}")) is None else t.to(lay.dtype)
-                for k in ("up_bias", "gate_bias", "down_bias")
-            }
-            for i in range(cfg.n_layers)
-        ]
+        # `dtype`.
+        self.biases = ffn_biases(resident or {}, cfg.n_layers, lay.dtype)
         n = cfg.d_ffn
         if mode in ("naive", "hybrid"):
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
@@ -428,127 +259,7 @@ class FlashFFN:
         ).to(self.dtype)
 
 
-def layer_weights(layout, records: torch.Tensor, biases: dict) -> FFNWeights:
-    """A whole layer's records as FFN matrices (views), with its resident biases."""
-    parts = layout.unpack(records)
-    return FFNWeights(parts["up"], parts["down"], parts.get("gate"), **biases)
-
-
-def bundle_reads(
-    layout, layer: int, ids: np.ndarray, dest: torch.Tensor, max_read: int, rows=None
-) -> list[tuple[int, memoryview]]:
-    """Reads of neurons `ids` (sorted) of `layer` into dest[rows[i]] (default dest[i]): one
-    read per run of neurons adjacent both on flash and in `dest`, split at max_read bytes."""
-    reqs: list[tuple[int, memoryview]] = []
-    if len(ids) == 0:
-        return reqs
-    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
-    stride, max_rows = layout.stride, max(max_read // layout.stride, 1)
-    view = memoryview(dest.numpy()).cast("B")
-    for first, length in merge_runs(ids, rows):
-        for j in range(first, first + length, max_rows):
-            k, r = min(max_rows, first + length - j), int(rows[j])
-            reqs.append((layout.offset(layer, int(ids[j])), view[r * stride : (r + k) * stride]))
-    return reqs
-
-
-def prefill_ffn(
-    x: torch.Tensor, w: FFNWeights, act, threshold: float, k: int
-) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """A whole layer's FFN over a prompt, x: [T, d] -> [T, d], and the true active set
-    (|activation| > threshold) of each of its last k tokens, oldest first."""
-    kept: list[torch.Tensor] = []
-
-    def record(h: torch.Tensor) -> torch.Tensor:  # h: [T, n]
-        kept.append(h[-k:].abs() > threshold)
-        return h
-
-    out = ffn_forward(x, w, act, record)
-    return out, [torch.nonzero(row).flatten().numpy() for row in kept[0]]
-
-
-def sparse_ffn(x: torch.Tensor, layout, biases: dict, act, *parts) -> torch.Tensor:
-    """One token's FFN over the neurons whose rows are given, x: [1, d] -> [1, d]. Each part
-    is (rows, ids): rows[:len(ids)] hold the bundles of neurons `ids` (the window's rows, the
-    overflow's). The single-process engine and the pipeline's compute stage both call this,
-    so that they compute the same numbers."""
-    out = None
-    for rows, ids in parts:
-        if len(ids) or out is None:
-            y = _rows_forward(x, layout, biases, act, rows, ids)
-            out = y if out is None else out + y
-    b = biases["down_bias"]
-    return out if b is None else out + b
-
-
-def _rows_forward(
-    x: torch.Tensor, layout, biases: dict, act, rows: torch.Tensor, ids: np.ndarray
-) -> torch.Tensor:
-    """The FFN over the neurons in rows[:len(ids)], without the down bias: x [1, d] -> [1, d].
-
-    The row count is rounded up to a multiple of ROW_BUCKET (the extra rows masked out):
-    oneDNN keeps a primitive per matrix shape for 16-bit matmuls, and a new count every
-    token would grow the process by hundreds of MiB."""
-    c = len(ids)
-    if c == 0:
-        return torch.zeros_like(x)
-    n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
-    parts = layout.unpack(rows[:n])
-    up_b, gate_b = biases["up_bias"], biases["gate_bias"]
-    if up_b is not None:  # each row's own bias; the padding rows take neuron 0's
-        idx = torch.zeros(n, dtype=torch.long)
-        idx[:c] = torch.from_numpy(ids)
-        up_b, gate_b = up_b[idx], None if gate_b is None else gate_b[idx]
-    w = FFNWeights(
-        up=parts["up"],
-        down=parts["down"],
-        gate=parts.get("gate"),
-        up_bias=up_b,
-        gate_bias=gate_b,
-    )
-
-    def drop_padding(h: torch.Tensor) -> torch.Tensor:
-        h[:, c:] = 0
-        return h
-
-    return ffn_forward(x, w, act, drop_padding)
-
-
 # --------------------------------------------------------------------------- the engine
-
-
-@dataclass
-class MemoryPlan:
-    budget: int | None
-    model_bytes: int
-    resident: int
-    predictors: int
-    kv_cache: int
-    staging: int
-    cache_rows: int  # per layer
-    row_bytes: int
-    n_layers: int
-    overhead: int  # runtime RSS at start + working memory
-
-    @property
-    def caches(self) -> int:
-        return self.cache_rows * self.row_bytes * self.n_layers
-
-    @property
-    def total(self) -> int:
-        return self.resident + self.predictors + self.kv_cache + self.staging + self.caches
-
-    def describe(self) -> str:
-        mib = 2**20
-        budget = "none" if self.budget is None else f"{self.budget / mib:.1f} MiB"
-        return (
-            f"DRAM budget {budget} (model {self.model_bytes / mib:.1f} MiB): resident "
-            f"{self.resident / mib:.1f} + predictors {self.predictors / mib:.1f} + KV cache "
-            f"{self.kv_cache / mib:.1f} + staging/scratch {self.staging / mib:.1f} + window "
-            f"caches {self.caches / mib:.1f} ({self.n_layers} x {self.cache_rows} rows of "
-            f"{self.row_bytes} B) = {self.total / mib:.1f} MiB; fixed overhead "
-            f"{self.overhead / mib:.1f} MiB (runtime at start + working memory)"
-        )
 
 
 class Engine:
@@ -601,18 +312,17 @@ def dense_engine(
     overhead = rss_bytes() + WORKING_MEMORY if overhead is None else overhead
     cfg = source.config
     model = load_dense(source, dtype)
-    ffn_bytes = sum(_nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
+    ffn_bytes = sum(nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
     plan = MemoryPlan(
         budget,
         model_bytes,
-        sum(_nbytes(t) for t in model.w.values()) + ffn_bytes,
-        0,
-        _kv_bytes(cfg, max_len, dtype),
-        0,
-        0,
-        0,
-        cfg.n_layers,
-        overhead,
+        resident=sum(nbytes(t) for t in model.w.values()) + ffn_bytes,
+        predictors=0,
+        kv_cache=kv_bytes(cfg, max_len, dtype),
+        cache_rows=0,
+        row_bytes=0,
+        n_layers=cfg.n_layers,
+        overhead=overhead,
     )
     return Engine(model, Telemetry(), plan, "dense", None, [])
 
@@ -629,9 +339,9 @@ def load_engine(
 ) -> Engine:
     """A converted model ready to decode in `mode` within `dram_budget`."""
     if mode not in MODES:
-        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
     if window < 1:
-        raise ConfigError(f"--window must be at least 1, got {window}")
+        raise ConfigError(f"window must be at least 1, got {window}", "window")
     overhead = rss_bytes() + WORKING_MEMORY
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
@@ -651,7 +361,7 @@ def load_engine(
     try:
         telemetry = Telemetry()
         if mode == "naive":
-            path = model.directory / "resident.safetensors"
+            path = model.directory / RESIDENT_FILE
             readers.append(FlashReader(path, concurrency=concurrency, direct=direct))
             resident: Mapping[str, torch.Tensor] = StreamedResident(
                 model, readers[1], compute, telemetry
@@ -659,34 +369,33 @@ def load_engine(
             resident_bytes = 0
         else:
             resident = load_resident(model, compute)
-            resident_bytes = sum(_nbytes(t) for t in resident.values())
-        kv = _kv_bytes(cfg, max_len, compute)
-        pred_bytes = predictors.nbytes if predictors is not None else 0
-        if mode in ("naive", "hybrid"):
-            staging, rows = lay.layer_bytes, 0
-        else:
-            vectors = VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
-            extra = vectors if mode == "window" else 0  # the unbundled reads' landing area
-            rows, staging = _cache_rows(
-                budget, resident_bytes + pred_bytes + kv + extra, cfg, lay.stride, mode
-            )
-            staging += extra
+            resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = MemoryPlan(
             budget,
             model_bytes,
-            resident_bytes,
-            pred_bytes,
-            kv,
-            staging,
-            rows,
-            lay.stride,
-            cfg.n_layers,
-            overhead,
+            resident=resident_bytes,
+            predictors=predictors.nbytes if predictors is not None else 0,
+            kv_cache=kv_bytes(cfg, max_len, compute),
+            cache_rows=0,
+            row_bytes=lay.stride,
+            n_layers=cfg.n_layers,
+            overhead=overhead,
+            # naive and hybrid: one layer's staging; the sparse modes: one whole layer of
+            # scratch (a prompt's layer, a token's overflow) beside the window caches
+            scratch_rows=cfg.d_ffn,
+            # the window mode's landing area for its unbundled reads
+            extra=VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
+            if mode == "window"
+            else 0,
         )
+        if mode in SPARSE_MODES:
+            plan_memory(plan, cfg.d_ffn, f"mode {mode}")
         if budget is not None and plan.total > budget:
             raise ConfigError(
-                f"--dram-budget {dram_budget} is too small for mode {mode}: {plan.describe()}"
+                f"dram_budget {dram_budget} is too small for mode {mode}: {plan.describe()}",
+                "dram_budget",
             )
+        rows = plan.cache_rows
         ffn = FlashFFN(
             model,
             mode,
@@ -696,7 +405,7 @@ def load_engine(
             window,
             rows if mode in SPARSE_MODES else None,
             predictors,
-            resident if mode != "naive" else _ffn_biases(model, compute),
+            resident if mode != "naive" else naive_biases(model, compute),
         )
         transformer = Transformer(cfg, resident, ffn, compute)
         return Engine(transformer, telemetry, plan, mode, ffn, readers)
@@ -706,7 +415,7 @@ def load_engine(
         raise
 
 
-def _ffn_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def naive_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Naive mode still needs the FFN biases; they are tiny, so read them once."""
     return load_resident(model, dtype, [n for n in model.resident_names() if ".ffn." in n])
 
@@ -714,29 +423,3 @@ def _ffn_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Te
 def vector_span(part_bytes: int) -> int:
     """Bytes of the aligned span that holds one weight vector wherever it starts."""
     return -(-part_bytes // ALIGN) * ALIGN + ALIGN
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _kv_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layers * cfg.n_kv_heads * max_len * cfg.head_dim * dtype.itemsize
-
-
-def _cache_rows(budget: int | None, fixed: int, cfg, stride: int, mode: str) -> tuple[int, int]:
-    """Rows per layer's window cache, and the shared overflow scratch, within the budget."""
-    n, layers = cfg.d_ffn, cfg.n_layers
-    if budget is None:
-        return n, n * stride
-    avail = (budget - fixed) // stride  # rows that fit
-    # layers * c rows of caches + n rows of shared scratch (a prompt's whole layer) must fit.
-    c = min(n, (avail - n) // layers)
-    if c < 1:
-        need = fixed + (n + layers) * stride
-        raise ConfigError(
-            f"--dram-budget {budget} B is too small for mode {mode}: the resident "
-            f"part, predictors and KV cache take {fixed / 2**20:.1f} MiB and at "
-            f"least {need / 2**20:.1f} MiB are needed"
-        )
-    return c, n * stride

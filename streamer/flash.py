@@ -11,10 +11,11 @@ larger read. `probe_disk` measures what the disk itself can do with the same mac
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,8 +256,6 @@ def _probe_job(
 def _probe_processes(
     path: str, direct: bool, size: int, chunk: int, conc: int, seconds: float
 ) -> dict:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(conc, mp_context=ctx) as pool:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from streamer.errors import ConfigError
-from streamer.model import Transformer
+from streamer.interface import Decoder
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
@@ -52,7 +52,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
 class Generation:
     """Iterate to get generated token ids; `summary` holds counts and timings afterwards."""
 
-    model: Transformer
+    model: Decoder
     prompt_ids: list[int]
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)

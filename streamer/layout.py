@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from streamer.config import ModelConfig
 from streamer.errors import ModelFormatError
+from streamer.flash import ALIGN
 from streamer.model import FFNWeights
 from streamer.sources import ffn_from_resident, resident_names
 from streamer.tokenizer import TokenizerSpec
@@ -38,7 +40,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
-ALIGN = 4096
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -201,8 +202,6 @@ class ConvertedModel:
 
     def _resident_file(self):
         if self._resident is None:
-            from safetensors import SafetensorError, safe_open
-
             try:
                 self._resident = safe_open(str(self.directory / RESIDENT_FILE), framework="pt")
             except (SafetensorError, OSError) as e:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from streamer.errors import ConfigError, ModelFormatError
@@ -59,12 +60,13 @@ def parse_ranks(spec: str, n_layers: int) -> list[int]:
                 ranks[i] = int(rank)
     except ValueError:
         raise ConfigError(
-            f"--ranks {spec!r}: expected RANK or FIRST-LAST:RANK,... with layers "
-            f"in [0, {n_layers}) and ranks >= 1"
+            f"ranks {spec!r}: expected RANK or FIRST-LAST:RANK,... with layers "
+            f"in [0, {n_layers}) and ranks >= 1",
+            "ranks",
         ) from None
     missing = [i for i, r in enumerate(ranks) if r is None]
     if missing:
-        raise ConfigError(f"--ranks {spec!r} gives no rank for layers {missing}")
+        raise ConfigError(f"ranks {spec!r} gives no rank for layers {missing}", "ranks")
     return ranks  # type: ignore[return-value]
 
 
@@ -232,7 +234,6 @@ class Predictors:
         return _predict(p, max(self.lookahead_thresholds[layer], min_probability), x)
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
 
         tensors = {}
         for kind, preds in (("layers", self.layers), ("lookahead", self.lookahead)):
@@ -254,7 +255,6 @@ class Predictors:
     def load(
         cls, directory: Path, d: int, n: int, n_layers: int, lookahead: bool = True
     ) -> Predictors:
-        from safetensors.torch import load_file
 
         if not (directory / META_FILE).is_file():
             raise ModelFormatError(

@@ -3,20 +3,22 @@
 Every source answers the same questions in the canonical names the model code uses: its
 `ModelConfig`, its resident tensors (embeddings, attention, norms, LM head, FFN biases), one
 layer's FFN matrices neuron-major, and its tokenizer. Tensors are read lazily, one at a time, so
-converting a 13 GB model never holds it whole in DRAM. `open_source` picks the reader by path.
+converting a 13 GB model never holds it whole in DRAM. `streamer.registry.open_source` picks the
+reader by path.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+import gguf
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from streamer.config import ModelConfig, from_gguf_metadata
 from streamer.errors import ModelFormatError
@@ -133,7 +135,6 @@ class SafetensorsFiles:
     """The tensors of a (possibly sharded) safetensors checkpoint, read on demand."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import SafetensorError, safe_open
 
         self._error = SafetensorError
         self._open = safe_open
@@ -363,7 +364,6 @@ class GGUFSource:
     """A llama-architecture GGUF file (SmolLM2, Llama, Mistral), dequantized tensor by tensor."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
 
         self.path = path
         self._gguf = gguf
@@ -448,30 +448,3 @@ class GGUFSource:
 
     def tokenizer(self) -> TokenizerSpec | None:
         return TokenizerSpec.from_gguf_metadata(self.meta)
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def open_source(spec: str | os.PathLike, **default_kwargs: Any) -> Source:
-    """A model source from a path: HF directory, `.gguf` file, converted directory, or `default`."""
-    from streamer.layout import MANIFEST, ConvertedModel
-    from streamer.registry import resolve_default
-
-    if str(spec) == "default":
-        return ConvertedModel(resolve_default(**default_kwargs))
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ModelFormatError(
-            f"model {str(spec)!r} not found (expected a Hugging Face "
-            "directory, a .gguf file, a converted directory, or 'default')"
-        )
-    if path.is_file():
-        with path.open("rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r})")
-        return GGUFSource(path)
-    if (path / MANIFEST).is_file():
-        return ConvertedModel(path)
-    return HFSource(path)

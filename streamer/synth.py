@@ -28,13 +28,22 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from streamer.errors import ConfigError
+from streamer.layout import parse_dtype
+from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
+from streamer.sources import HFSource, LayerWeights
+from streamer.tokenizer import TokenizerSpec
 
 GB = 10**9
 # Scale of the attention output: how much each token's residual stream carries of the tokens
@@ -140,14 +149,14 @@ _DIMS = {
 
 def hf_config(like: str, layers: int | None = None, scale: int = 1) -> dict[str, Any]:
     if like not in SHAPES:
-        raise ConfigError(f"--like must be one of {', '.join(SHAPES)}, got {like!r}")
+        raise ConfigError(f"like must be one of {', '.join(SHAPES)}, got {like!r}", "like")
     if scale < 1 or (scale & (scale - 1)):
-        raise ConfigError(f"--scale must be a power of two, got {scale}")
+        raise ConfigError(f"scale must be a power of two, got {scale}", "scale")
     shape = SHAPES[like]
     hf = dict(shape.hf)
     if layers is not None:
         if layers < 1:
-            raise ConfigError(f"--layers must be at least 1, got {layers}")
+            raise ConfigError(f"layers must be at least 1, got {layers}", "layers")
         hf["num_hidden_layers"] = layers
     if scale > 1:  # fewer heads of the same size; the other widths in proportion
         head_dim = hf["hidden_size"] // hf["num_attention_heads"]
@@ -285,8 +294,6 @@ class WeightMaker:
         elif role in ("up_bias", "gate_bias"):
             shifts = role == ("gate_bias" if self.family == "llama" else "up_bias")
             if shifts:
-                from statistics import NormalDist
-
                 p = self.neuron_probabilities(name.rsplit(".", 2)[0])
                 inv = NormalDist().inv_cdf
                 t = torch.tensor([-inv(1 - float(q)) for q in p])
@@ -309,10 +316,6 @@ def synth(
     window: int = 5,
 ) -> dict[str, Any]:
     """Write the model into `out` (a new directory), then measure its sparsity; the report."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from streamer.layout import parse_dtype
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -384,9 +387,6 @@ def synth(
 def _write_tokenizer(out: Path) -> None:
     """A byte-level BPE trained on the shipped calibration text (ids well below the model's
     vocabulary), so that `streamer calibrate` and `generate` work on the synthetic model."""
-    from importlib.resources import files
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -416,13 +416,6 @@ def measure(directory: Path, tokens: int, window: int, progress: bool = True) ->
     time: per layer, the active fraction per token, the share of activations that the most
     active 10% of neurons account for, and the fraction of neurons newly needed per token when
     the last `window` tokens' neurons are kept."""
-    from importlib.resources import files
-
-    from tqdm import tqdm
-
-    from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
-    from streamer.sources import HFSource, LayerWeights
-    from streamer.tokenizer import TokenizerSpec
 
     source = HFSource(directory)
     cfg = source.config

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
 from streamer.config import ModelConfig
 from streamer.errors import ModelFormatError
 
@@ -76,9 +82,6 @@ class TokenizerSpec:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> TokenizerSpec:
-        from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import BPE
 
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -140,14 +143,22 @@ class TokenizerSpec:
 
 
 class Tokenizer:
+    """Text to ids and back (`tokenizers`), the chat template, and the ids that end a reply."""
+
     def __init__(self, spec: TokenizerSpec) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
 
         self.spec = spec
         try:
             self.tok = HFTokenizer.from_str(spec.tokenizer_json)
         except Exception as e:
             raise ModelFormatError(f"tokenizer.json cannot be read ({e})") from None
+
+    def stop_ids(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The ids that end a reply: the model config's and the tokenizer's end-of-sequence."""
+        eos = set(cfg.eos_token_ids)
+        if (eos_id := self.token_id(self.spec.eos_token)) is not None:
+            eos.add(eos_id)
+        return tuple(sorted(eos))
 
     @property
     def vocab_size(self) -> int:
@@ -166,8 +177,6 @@ class Tokenizer:
         """Token ids of one user turn wrapped in the model's chat template, ready for the reply."""
         if not self.spec.chat_template:
             raise ModelFormatError("this model has no chat template; drop --chat")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
@@ -188,3 +197,25 @@ class Tokenizer:
             raise ModelFormatError(f"the model's chat template failed: {e}") from None
         # The template writes any BOS itself, as transformers' apply_chat_template assumes.
         return self.encode(text, add_special_tokens=False)
+
+
+class TextStream:
+    """A reply's text as it grows, token by token: `push(ids)` gives the new text since the last
+    call, holding back a partial UTF-8 character until its last byte arrives."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.shown = tokenizer, ""
+
+    def push(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        delta, self.shown = text[len(self.shown) :], text
+        return delta
+
+    def finish(self, ids: list[int]) -> str:
+        """What is left to show once the reply is complete."""
+        text = self.tokenizer.decode(ids)
+        delta = text[len(self.shown) :] if text.startswith(self.shown) else ""
+        self.shown = text
+        return delta

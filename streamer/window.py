@@ -23,8 +23,7 @@ NEVER = np.iinfo(np.int64).min // 2
 
 def copy_rows(dest: torch.Tensor, dest_rows, src: torch.Tensor, src_rows) -> None:
     """dest[dest_rows] = src[src_rows] for rows of bytes, through numpy: its fancy indexing
-    copies rows about ten times faster than torch's does on uint8 (measured: 7,400 rows of
-    4 KiB in 6 ms against 58 ms)."""
+    copies rows about ten times faster than torch's does on uint8 (README, "Decisions")."""
     dest.numpy()[np.asarray(dest_rows)] = src.numpy()[np.asarray(src_rows)]
 
 

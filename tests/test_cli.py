@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from streamer.cli import build_parser
+from streamer.cli.serve import pipeline_config
 from streamer.registry import default_gguf
 
 PROMPT = "Write a short story about a robot who learns to paint."
 GREEDY_12 = ["--chat", "--max-tokens", "12", "--temperature", "0"]
 
 
-def streamer(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def streamer(*args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "streamer", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"streamer {' '.join(args)} failed:\n{proc.stderr}")
@@ -79,15 +86,40 @@ def test_generate_from_hf_directory(hf_model):
     [
         (["generate", "/no/such/model", "--prompt", "hi"], "not found"),
         (["convert", "/no/such/model", "/tmp/x"], "not found"),
-        (["generate", "default", "--prompt", "hi", "--max-tokens", "0"], "max_tokens must be"),
-        (["generate", "default", "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
+        (["generate", "default", "--prompt", "hi", "--max-tokens", "-1"], "--max-tokens must be"),
+        (["generate", "default", "--prompt", "hi", "--top-p", "1.5"], "--top-p must be"),
+        (["generate", "default", "--prompt", "hi", "--window", "0"], "--window must be"),
+        (["generate", "default", "--prompt", "hi", "--dram-budget", "4X"], "--dram-budget '4X'"),
+        (["eval", "default", "--text", "/no/such/text"], "text file /no/such/text not found"),
+        (["probe-disk", "--chunks", "4X"], "--chunks '4X'"),
+        (["probe-disk", "--file-size", "big"], "--file-size 'big'"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, message):
-    proc = streamer(*args, check=False)
+def test_bad_input_is_one_clear_line_naming_the_flag_before_any_model_is_loaded(
+    args, message, tmp_path
+):
+    """Flags are checked before the model is opened: an empty cache stays empty (before, a bad
+    --max-tokens converted the default model first), and the error names the flag given."""
+    env = {**os.environ, "STREAMER_CACHE": str(tmp_path / "cache")}
+    proc = streamer(*args, check=False, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_flags_given_to_serve_override_its_config_file(tmp_path):
+    """Every option given on the command line wins over the file, defaults included (before,
+    a flag equal to its default was taken for absent and the file's value stood)."""
+    path = tmp_path / "pipeline.toml"
+    path.write_text('window = 8\ncontext = 1024\nconcurrency = 3\n')
+    args = build_parser().parse_args(
+        ["serve", "--config", str(path), "--window", "4", "--context", "2048"]
+    )
+    config = pipeline_config(args)
+    assert (config.window, config.context, config.concurrency) == (4, 2048, 3)
+    untouched = pipeline_config(build_parser().parse_args(["serve", "--config", str(path)]))
+    assert (untouched.window, untouched.context) == (8, 1024)
 
 
 def test_convert_refuses_a_directory_holding_another_model(hf_model, tmp_path):

@@ -11,9 +11,10 @@ import torch
 from streamer.convert import convert, verify
 from streamer.errors import ModelFormatError
 from streamer.layout import ALIGN, ConvertedModel
-from streamer.sources import HFSource, load_dense, open_source
+from streamer.registry import open_source
+from streamer.sources import HFSource, load_dense
+from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import make_hf_model
-from tests.test_model import PROMPT, greedy_with_logits
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "falcon", "falcon-newarch"])
@@ -25,7 +26,9 @@ def test_converted_float32_decodes_like_the_source(family, hf_model, tmp_path):
     tokens, ref = greedy_with_logits(load_dense(src), PROMPT, 16)
     tokens2, ours = greedy_with_logits(load_dense(converted), PROMPT, 16)
     assert tokens2 == tokens
-    assert torch.equal(ours, ref)  # float32 storage is lossless
+    # float32 storage is lossless; the sums may still run in another order (oneDNN picks its
+    # kernels by shape and threads), which moved logits by up to 1.8e-6 on a busy machine
+    assert (ours - ref).abs().max().item() < 1e-5
 
 
 def test_float16_conversion_stays_close(hf_model, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from streamer.generate import Generation, SamplingParams
-from streamer.registry import default_gguf, resolve_default
-from streamer.sources import GGUFSource, load_dense, open_source
+from streamer.registry import default_gguf, open_source, resolve_default
+from streamer.sources import GGUFSource, load_dense
 
 pytestmark = pytest.mark.slow
 

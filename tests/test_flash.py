@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from streamer.errors import StreamerError
+from streamer.errors import ConfigError, StreamerError
 from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer, merge_runs, probe_disk
 
 
@@ -100,5 +100,5 @@ def test_probe_disk_measures_each_cell(tmp_path, processes):
 
 
 def test_concurrency_is_validated(data_file):
-    with pytest.raises(Exception, match="concurrency"):
+    with pytest.raises(ConfigError, match="concurrency"):
         FlashReader(data_file[0], concurrency=0)

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from streamer.generate import Generation, SamplingParams
 from streamer.sources import HFSource, load_dense
+from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import FAMILIES, hf_logits
-
-PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
-
-
-def greedy_with_logits(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Prefill, then decode n tokens one by one; the logits of every position, [T, vocab]."""
-    cache = model.new_cache(len(prompt) + n)
-    rows = [model.forward(torch.tensor(prompt), cache)]
-    tokens = list(prompt)
-    for _ in range(n):
-        tokens.append(int(rows[-1][-1].argmax()))
-        rows.append(model.forward(torch.tensor(tokens[-1:]), cache))
-    return tokens, torch.cat(rows)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -24,24 +24,19 @@ import zmq.asyncio
 from protocol.messages import Token
 from protocol.sockets import SocketError
 from streamer.calibrate import CalibrationSettings, calibrate
-from streamer.client import Client, ClientError
 from streamer.convert import convert
 from streamer.cpus import parse_cpus
 from streamer.engine import load_engine
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, ModelFormatError
 from streamer.generate import Generation, SamplingParams
-from streamer.pipeline import (
-    LINKS,
-    STAGES,
-    Pipeline,
-    PipelineConfig,
-    plan_pipeline,
-    run_remote_stage,
-)
 from streamer.registry import DEFAULT_NAME, resolve_default
+from streamer.services.client import Client, ClientError
+from streamer.services.pipeline import serve_pipeline
 from streamer.sources import HFSource
+from tests.helpers import collect
 from tests.models import make_sparse_opt
-from tests.test_server import collect
+from workers.config import LINKS, STAGES, PipelineConfig, plan_pipeline
+from workers.launcher import run_remote_stage
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 12]
 
@@ -78,8 +73,8 @@ def engine_tokens(directory, prompt, n, capacity=None, window=4):
     budget = None
     if capacity is not None:
         with load_engine(directory, mode="all", max_len=2048) as e:
-            p, rows = e.plan, e.cfg.d_ffn + e.plan.n_layers * capacity
-            budget = p.resident + p.predictors + p.kv_cache + rows * p.row_bytes
+            e.plan.cache_rows = capacity
+            budget = e.plan.total  # exactly what `capacity` rows a layer need
     with load_engine(directory, "all", window, budget, max_len=2048) as e:
         if capacity is not None:
             assert e.plan.cache_rows == capacity
@@ -113,16 +108,13 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
     directory = calibrated(family)
     cfg = config(tmp_path, directory, serial=serial, weights=weights)
     if budget == "tight":  # windows of 24 rows: evictions and overflow every token
-        plan = plan_pipeline(cfg)
-        lay = plan.layout  # (L - 1) c + 3 n rows: windows, overflow, two staging layers
-        rows = (lay.n_layers - 1) * 24 + 3 * lay.n_neurons
-        cfg.dram_budget = str(
-            plan.resident + plan.predictors + plan.kv_cache + rows * (lay.stride + 8)
-        )
+        memory = plan_pipeline(cfg).memory
+        memory.cache_rows = 24
+        cfg.dram_budget = str(memory.total)  # exactly what 24 rows a layer need
         assert plan_pipeline(cfg).layout.capacity == 24
     want = engine_tokens(directory, PROMPT, 24, 24 if budget else None)
     async with (
-        Pipeline.launch(cfg, processes=processes) as p,
+        serve_pipeline(cfg, processes=processes) as p,
         Client(p.endpoint, timeout=60) as client,
     ):
         done = await collect(
@@ -166,7 +158,7 @@ async def test_eight_clients_three_requests_each(calibrated, tmp_path):
                 )
                 got[(c, r)] = done.token_ids
 
-    async with Pipeline.launch(config(tmp_path, directory)) as p, anyio.create_task_group() as tg:
+    async with serve_pipeline(config(tmp_path, directory)) as p, anyio.create_task_group() as tg:
         for c in range(8):
             tg.start_soon(one_client, p.endpoint, c)
     assert got == want
@@ -177,7 +169,7 @@ async def test_cpus_the_host_lacks_are_refused_before_a_stage_starts(calibrated,
     missing = max(os.sched_getaffinity(0)) + 1
     cfg = config(tmp_path, calibrated("opt"), compute_cpus=f"0,{missing}")
     with pytest.raises(ConfigError, match=rf"compute_cpus names CPUs \[{missing}\], not among"):
-        async with Pipeline.launch(cfg):
+        async with serve_pipeline(cfg):
             pass
     assert not [f for f in tmp_path.iterdir() if f.name.startswith("streamer")]  # no shm left
 
@@ -191,7 +183,7 @@ async def test_a_refused_endpoint_is_one_clear_error(calibrated, tmp_path):
     shared.chmod(0o755)
     cfg = config(tmp_path, calibrated("opt"), endpoint=f"ipc://{shared}/front.sock")
     with pytest.raises(SocketError, match="mode 0700"):
-        async with Pipeline.launch(cfg):
+        async with serve_pipeline(cfg):
             pass
     assert not [f for f in tmp_path.iterdir() if f.name.startswith("streamer")]  # no shm left
 
@@ -250,7 +242,7 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
                 concurrency=8,
                 **cpu_split(),
             )
-            p = await stack.enter_async_context(Pipeline.launch(cfg))
+            p = await stack.enter_async_context(serve_pipeline(cfg))
             clients[serial] = await stack.enter_async_context(Client(p.endpoint, timeout=120))
             for name, cpus in (("compute", cfg.compute_cpus), ("prefetch", cfg.io_cpus)):
                 if cpus:
@@ -327,7 +319,7 @@ async def test_a_dead_or_hung_stage_fails_the_request_and_comes_back(calibrated,
     naming the stage within 2 s, the launcher starts the stage again, the next request works."""
     directory = calibrated("llama")
     want = engine_tokens(directory, PROMPT, 6)
-    async with Pipeline.launch(config(tmp_path, directory)) as p:
+    async with serve_pipeline(config(tmp_path, directory)) as p:
         async with Client(p.endpoint, timeout=120) as client:
             for name in STAGES:
                 pid = p.stages[name].proc.pid
@@ -354,7 +346,7 @@ async def test_garbage_on_stage_sockets_is_refused_and_serving_goes_on(calibrate
         [b"forward", b"\x82\xa1f\x81\xaarequest_id\xa1x\xa1a\x80"],
         [b"rows_ready", b"\x82\xa1f\x80\xa1a\x80", b"extra"],
     ]
-    async with Pipeline.launch(config(tmp_path, directory)) as p:
+    async with serve_pipeline(config(tmp_path, directory)) as p:
         pids = {name: st.proc.pid for name, st in p.stages.items()}
         ctx = zmq.asyncio.Context()
         try:
@@ -410,7 +402,7 @@ def test_config_is_validated(tmp_path):
 def test_an_uncalibrated_model_is_a_clear_error(hf_model, tmp_path):
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
-    with pytest.raises(Exception, match="no predictors: run `streamer calibrate"):
+    with pytest.raises(ModelFormatError, match="no predictors: run `streamer calibrate"):
         plan_pipeline(config(tmp_path, out))
 
 
@@ -490,7 +482,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.asyncio
-async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
+async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, caplog):
     """tcp:// for the client endpoint and every stage link, CURVE-authenticated: same tokens;
     a peer whose key is not authorized gets nothing into any stage."""
     from protocol.sockets import Security, make_keys, make_socket
@@ -509,7 +501,7 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
     want = engine_tokens(directory, PROMPT, 8)
     security = Security(tmp_path / "keys")
     async with (
-        Pipeline.launch(cfg, processes=False) as p,
+        serve_pipeline(cfg, processes=False) as p,
         Client(p.endpoint, security, timeout=60) as client,
     ):
         done = await collect(
@@ -518,7 +510,7 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
         stranger = tmp_path / "stranger"  # the right server key, a client key never authorized
         make_keys(stranger)
         shutil.copy(tmp_path / "keys" / "server.key", stranger / "server.key")
-        capfd.readouterr()
+        caplog.clear()
 
         def push_garbage(keys) -> None:  # on a thread: closing with linger blocks
             ctx = zmq.Context()
@@ -534,7 +526,8 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, capfd):
             # compute reads the rows link during a forward: run one
             again = await collect(client, prompt_ids=PROMPT, max_tokens=2, temperature=0)
             assert again.token_ids == want[:2]
-            refused = capfd.readouterr().err.count("refused a")
+            refused = sum("refused a" in r.getMessage() for r in caplog.records)
+            caplog.clear()
             assert refused == (5 if admitted else 0), (keys, refused)
     assert done.token_ids == want
 
@@ -569,7 +562,7 @@ async def test_a_stage_on_another_host(calibrated, tmp_path):
     stage = start_stage()
     try:
         async with (
-            Pipeline.launch(cfg) as p,
+            serve_pipeline(cfg) as p,
             Client(p.endpoint, Security(tmp_path / "keys"), timeout=120) as client,
         ):
             assert p.stages["prefetch"].proc is None  # the launcher did not start it

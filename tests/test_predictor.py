@@ -75,5 +75,5 @@ def test_closed_form_predictors_flag_fewer_neurons_than_sgd(synth_opt, tmp_path)
         fit: r["perplexity"]["predictor"] / r["perplexity"]["dense"] for fit, r in reports.items()
     }
     assert ppl["lowrank"] <= ppl["sgd"] * 1.01
-    with pytest.raises(ConfigError, match="--fit must be"):
+    with pytest.raises(ConfigError, match="fit must be auto"):
         CalibrationSettings(fit="magic")

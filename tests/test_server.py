@@ -16,13 +16,14 @@ import zmq
 import zmq.asyncio
 
 from protocol.codec import decode, encode
-from protocol.messages import Done, Error, Generate, Token
+from protocol.messages import Error, Generate, Token
 from protocol.sockets import SocketError
-from streamer.client import Client, ClientError, generate_sync
 from streamer.engine import dense_engine
 from streamer.generate import Generation, SamplingParams
-from streamer.server import Server, ServerSettings
+from streamer.services.client import Client, ClientError, generate_sync
+from streamer.services.server import Server, ServerSettings
 from streamer.sources import HFSource
+from tests.helpers import collect
 
 
 @pytest.fixture
@@ -40,22 +41,11 @@ def served(hf_model, tmp_path):
 
     async def start(tg):
         engine = dense_engine(source, torch.float32, 128)
-        server = Server(engine, tokenizer, (), ServerSettings(endpoint))
+        server = Server(engine, tokenizer, ServerSettings(endpoint), stop_ids=())
         await tg.start(server.serve)
         return server
 
     return endpoint, start, expected
-
-
-async def collect(client, **kw):
-    tokens, done = [], None
-    async for event in client.generate(**kw):
-        if isinstance(event, Token):
-            tokens.append(event.token_id)
-        else:
-            done = event
-    assert isinstance(done, Done) and done.token_ids == tokens
-    return done
 
 
 @pytest.mark.asyncio
@@ -224,7 +214,7 @@ async def test_an_endpoint_others_can_reach_is_refused(hf_model, tmp_path):
     os.chmod(shared, 0o755)
     source = HFSource(hf_model("llama"))
     engine = dense_engine(source, torch.float32, 16)
-    server = Server(engine, source.tokenizer().build(), (), ServerSettings(f"ipc://{shared}/x"))
+    server = Server(engine, source.tokenizer().build(), ServerSettings(f"ipc://{shared}/x"), ())
     with pytest.raises(SocketError, match="mode 0700"):
         await server.serve()
     assert not (shared / "x").exists()

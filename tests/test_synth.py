@@ -45,7 +45,7 @@ def test_synth_real_shapes_and_bad_arguments(tmp_path):
     hf = hf_config("opt-6.7b")
     assert (hf["hidden_size"], hf["ffn_dim"], hf["num_hidden_layers"]) == (4096, 16384, 32)
     assert hf_config("falcon-7b")["hidden_size"] == 4544
-    with pytest.raises(ConfigError, match="--like must be one of"):
+    with pytest.raises(ConfigError, match="like must be one of"):
         hf_config("gpt-5")
     with pytest.raises(ConfigError, match="power of two"):
         hf_config("opt-6.7b", scale=3)

@@ -19,7 +19,6 @@ waiting and fails, and so does every later step of that sequence.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import zmq
 
-from protocol.codec import decode, encode
+from protocol.codec import encode
 from protocol.messages import (
     Dead,
     Error,
@@ -42,34 +41,25 @@ from protocol.messages import (
     Reset,
     RowsReady,
 )
-from streamer.engine import layer_weights, load_resident, prefill_ffn, sparse_ffn
 from streamer.errors import StreamerError
+from streamer.ffn import ffn_biases, layer_weights, load_resident, prefill_ffn, sparse_ffn
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import ACTIVATION_FNS, Transformer
 from streamer.predictor import META_FILE
+from streamer.telemetry import PASSED_ON, PIPELINE_STEP_KEYS
 from streamer.window import WindowCache, copy_rows
-from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
+from workers.stage import (
+    StageContext,
+    StageFailed,
+    StageSpec,
+    heartbeats,
+    poll_message,
+    receive,
+    run_stage,
+    send,
+)
 
 WAIT_LIMIT_S = 60.0  # a reply slower than this means a stage is wedged (health catches it first)
-# What the predictor and prefetch report in `rows_ready.stats`, summed per step.
-PASSED_ON = (
-    "predict_ms",
-    "prefetch_ms",
-    "lookahead_wait_ms",
-    "mem_ms",
-    "predicted",
-    "hits",
-    "loaded",
-    "evicted",
-    "overflow",
-    "copied",
-)
-# A step's counters: compute's own, then what the other stages passed on.
-STEP_KEYS = ("bytes_read", "reads", "io_ms", "wait_ms", "cached", *PASSED_ON)
-
-
-class StageFailed(StreamerError):
-    """Another stage died or stopped answering while this sequence needed it."""
 
 
 class PipelineFFN:
@@ -89,44 +79,26 @@ class PipelineFFN:
         meta = json.loads((model.directory / META_FILE).read_text())
         self.activity: list[float] = meta["activity"]
         # The FFN math runs in the stored dtype, as in the single-process engine.
-        self.biases = [
-            {
-                k: None if (t := resident.get(f"layers.{i}.ffn.{k}")) is None else t.to(lay.dtype)
-                for k in ("up_bias", "gate_bias", "down_bias")
-            }
-            for i in range(cfg.n_layers)
-        ]
-        self.ctx = zmq.Context()
-        self.auth = None  # the ZAP authenticator of this context, if it binds a tcp:// link
-        self.predictor = self._socket(zmq.PUSH, "predictor", False)
-        self.prefetch = self._socket(zmq.PUSH, "prefetch", False)
-        self.inbox = self._socket(zmq.PULL, "rows", True)
+        self.biases = ffn_biases(resident, cfg.n_layers, lay.dtype)
+        # The model thread's own synchronous sockets.
+        self.sockets = StageContext(spec, asyncio=False)
+        self.predictor = self.sockets.link(zmq.PUSH, "predictor", False)
+        self.prefetch = self.sockets.link(zmq.PUSH, "prefetch", False)
+        self.inbox = self.sockets.link(zmq.PULL, "rows", True)
         self.request_id, self.step, self.prefill = "", 0, False
         self.aborted: dict[str, str] = {}  # request_id -> why
         self.early: dict[tuple, object] = {}  # replies that came before they were waited for
         self.stats: dict[str, float] = {}
 
-    def _socket(self, kind: int, name: str, bind: bool):
-        from protocol.sockets import make_socket, start_authenticator
-
-        endpoint = self.spec.endpoints[name]
-        if bind and endpoint.startswith("tcp://") and self.auth is None:
-            self.auth = start_authenticator(self.ctx, self.spec.security)
-        return make_socket(self.ctx, kind, endpoint, bind, self.spec.security, hwm=100_000)
-
     def close(self) -> None:
-        for s in (self.predictor, self.prefetch, self.inbox):
-            s.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
-        self.ctx.term()
+        self.sockets.close()
 
     def _send(self, sock, msg) -> None:
         sock.send_multipart(encode(msg), copy=False)
 
     def begin(self, request_id: str, step: int, reset: bool) -> None:
         self.request_id, self.step = request_id, step
-        self.stats = dict.fromkeys(STEP_KEYS, 0)
+        self.stats = dict.fromkeys(PIPELINE_STEP_KEYS, 0)
         self.early = {k: m for k, m in self.early.items() if k[1] == request_id}
         if reset:
             self.prefill = True
@@ -146,17 +118,11 @@ class PipelineFFN:
             if why:
                 raise StageFailed(why)
             msg = self.early.pop(want, None)
-            if msg is None and self.inbox.poll(20):
-                try:
-                    msg = decode(
-                        self.inbox.recv_multipart(copy=False),
-                        self.spec.limits,
-                        accept=("rows_ready", "layer_ready"),
-                    )
-                except ProtocolError as e:  # not from prefetch: say so, wait on
-                    print(f"compute: refused a message: {e}", file=sys.stderr, flush=True)
-                    continue
-                if msg.request_id == self.request_id and self._key(msg) != want:
+            if msg is None:
+                msg = poll_message(
+                    self.inbox, self.spec.limits, ("rows_ready", "layer_ready"), "compute"
+                )
+                if msg is not None and msg.request_id == self.request_id and self._key(msg) != want:
                     self.early[self._key(msg)] = msg
                     msg = None
             if msg is not None and self._key(msg) == want:
@@ -303,9 +269,9 @@ async def serve(spec: StageSpec) -> None:
     stage = None
     try:
         stage = ComputeStage(spec)
-        inbox = sc.socket(zmq.PULL, "compute", bind=True)
-        results = sc.socket(zmq.PUSH, "results", bind=False)
-        health = sc.socket(zmq.PUSH, "health", bind=False)
+        inbox = sc.link(zmq.PULL, "compute", bind=True)
+        results = sc.link(zmq.PUSH, "results", bind=False)
+        health = sc.link(zmq.PUSH, "health", bind=False)
         send_work, receive_work = anyio.create_memory_object_stream[Forward](4)
 
         async def run_forwards() -> None:

@@ -109,9 +109,9 @@ async def serve(spec: StageSpec) -> None:
     sc = StageContext(spec)
     try:
         stage = PredictorStage(spec)
-        inbox = sc.socket(zmq.PULL, "predictor", bind=True)
-        prefetch = sc.socket(zmq.PUSH, "prefetch", bind=False)
-        health = sc.socket(zmq.PUSH, "health", bind=False)
+        inbox = sc.link(zmq.PULL, "predictor", bind=True)
+        prefetch = sc.link(zmq.PUSH, "prefetch", bind=False)
+        health = sc.link(zmq.PUSH, "health", bind=False)
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeats, health, spec)
             while True:

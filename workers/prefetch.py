@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from protocol.messages import Fetch, LayerReady, LoadLayer, RowsReady
-from streamer.engine import bundle_reads
+from streamer.ffn import bundle_reads
 from streamer.flash import FlashReader, ReadStats, aligned_buffer
 from streamer.layout import ConvertedModel
 from streamer.window import copy_rows
@@ -175,9 +175,9 @@ async def serve(spec: StageSpec) -> None:
     stage = None
     try:
         stage = PrefetchStage(spec)
-        inbox = sc.socket(zmq.PULL, "prefetch", bind=True)
-        compute = sc.socket(zmq.PUSH, "rows", bind=False)
-        health = sc.socket(zmq.PUSH, "health", bind=False)
+        inbox = sc.link(zmq.PULL, "prefetch", bind=True)
+        compute = sc.link(zmq.PUSH, "rows", bind=False)
+        health = sc.link(zmq.PUSH, "health", bind=False)
         send_work, receive_work = anyio.create_memory_object_stream[tuple](16)
 
         async def worker(receive) -> None:

@@ -1,6 +1,6 @@
 """What every stage process shares: its spec, its sockets, the READY handshake and heartbeats.
 
-A stage is started by the launcher (`streamer.pipeline`) with a `StageSpec`, by `spawn`. It
+A stage is started by the launcher (`workers.launcher`) with a `StageSpec`, by `spawn`. It
 binds its input socket, connects to the others, sends `ready` to the launcher's health socket
 once it has loaded what it needs, then a `heartbeat` every `heartbeat_s`. If it cannot go on it
 sends `dead` once (with linger) and exits. SIGINT is ignored (a terminal's Ctrl-C reaches the
@@ -11,21 +11,29 @@ whose launcher is gone exits by itself.
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import signal
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import torch
 import zmq
-import zmq.asyncio
 
 from protocol.codec import decode, encode
-from protocol.messages import Dead, Error, Heartbeat, Limits, ProtocolError, Ready
-from protocol.sockets import Security, make_socket, start_authenticator
-from streamer.shared import SharedLayout, SharedRows
+from protocol.messages import Dead, Error, Heartbeat, Limits, Message, ProtocolError, Ready
+from protocol.sockets import Security, Sockets
+from streamer.errors import StreamerError
+from workers.shm import SharedLayout, SharedRows
+
+log = logging.getLogger("workers")
+
+
+class StageFailed(StreamerError):
+    """A stage died or stopped answering while a sequence needed it."""
 
 
 @dataclass
@@ -59,30 +67,29 @@ class StageSpec:
         return SharedRows(self.shm_path, self.layout)
 
 
-class StageContext:
-    """A stage's ZeroMQ context and sockets; closes them all (linger 0) on exit."""
+class StageContext(Sockets):
+    """A stage's ZeroMQ context and sockets, named by link; closes them all (linger 0)."""
 
     def __init__(self, spec: StageSpec, asyncio: bool = True) -> None:
+        super().__init__(spec.security, asyncio=asyncio, hwm=100_000)
         self.spec = spec
-        self.ctx = zmq.asyncio.Context() if asyncio else zmq.Context()
-        self.auth = None
-        self.sockets: list[zmq.Socket] = []
 
-    def socket(self, kind: int, name: str, bind: bool, ctx: zmq.Context | None = None):
-        endpoint = self.spec.endpoints[name]
-        ctx = ctx or self.ctx
-        if bind and endpoint.startswith("tcp://") and self.auth is None and ctx is self.ctx:
-            self.auth = start_authenticator(ctx, self.spec.security)
-        sock = make_socket(ctx, kind, endpoint, bind, self.spec.security, hwm=100_000)
-        self.sockets.append(sock)
-        return sock
+    def link(self, kind: int, name: str, bind: bool) -> zmq.Socket:
+        return self.socket(kind, self.spec.endpoints[name], bind)
 
-    def close(self) -> None:
-        for s in self.sockets:
-            s.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
-        self.ctx.term()
+
+def poll_message(
+    sock: zmq.Socket, limits: Limits | None, accept: Sequence[str], who: str, timeout_ms: int = 20
+) -> Message | None:
+    """The next message on a synchronous socket within `timeout_ms`, or None. One that fails to
+    decode is logged as refused and dropped (it did not come from the stage expected)."""
+    if not sock.poll(timeout_ms):
+        return None
+    try:
+        return decode(sock.recv_multipart(copy=False), limits, accept=tuple(accept))
+    except ProtocolError as e:
+        log.warning("%s: refused a message: %s", who, e)
+        return None
 
 
 async def send(sock, msg) -> None:
@@ -97,7 +104,7 @@ async def receive(sock, spec: StageSpec, accept: tuple[str, ...], health):
         try:
             return decode(frames, spec.limits, accept=accept)
         except ProtocolError as e:
-            print(f"{spec.name}: refused a message: {e}", file=sys.stderr, flush=True)
+            log.warning("%s: refused a message: %s", spec.name, e)
             await send(health, Error("", "bad_message", f"{spec.name}: {e}"))
 
 
@@ -115,24 +122,21 @@ async def heartbeats(health, spec: StageSpec) -> None:
 
 def say_dead(spec: StageSpec, reason: str) -> None:
     """The one DEAD message of a stage that cannot go on (sent with linger, on its own socket)."""
-    print(f"{spec.name}: {reason}", file=sys.stderr, flush=True)
-    ctx = zmq.Context()
+    log.error("%s: %s", spec.name, reason)
+    sockets = Sockets(spec.security)
     try:
-        sock = make_socket(
-            ctx, zmq.PUSH, spec.endpoints["health"], False, spec.security, linger_ms=500
-        )
+        sock = sockets.socket(zmq.PUSH, spec.endpoints["health"], False, linger_ms=500)
         sock.send_multipart(encode(Dead(spec.name, reason[:2000])), copy=False)
-        sock.close()
+        sock.close()  # with its linger: the message leaves before the process does
     except Exception as e:  # the launcher may be gone too: nothing more to do
-        print(f"{spec.name}: could not report to the launcher: {e}", file=sys.stderr)
+        log.error("%s: could not report to the launcher: %s", spec.name, e)
     finally:
-        ctx.term()
+        sockets.close()
 
 
 def run_stage(spec: StageSpec, serve) -> None:
-    """A stage process's body: threads, signals, then `serve(spec)` under anyio."""
-    import torch
-
+    """A stage process's body: logging, threads, signals, then `serve(spec)` under anyio."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if spec.cpus:  # before any thread that should inherit it starts (OpenMP's, anyio's)
         try:
             os.sched_setaffinity(0, spec.cpus)

@@ -7,17 +7,17 @@ at a time, in order, token by token on a worker thread, so the event loop keeps 
 `error` reply naming the problem, and the server keeps serving. Each token goes back as a `token`
 message, the end as `done` with the same summary as `streamer generate --json`.
 
-The engine is either the single-process engine (`streamer.engine`, `streamer serve MODEL`) or
-the pipeline's compute stage behind `streamer.pipeline.RemoteEngine` (`streamer serve --config`):
-clients see the same protocol.
+The engine is anything that implements `streamer.interface.EngineLike`: the single-process engine
+(`streamer.engine`, `streamer serve MODEL`) or the pipeline's compute stage behind
+`workers.remote.RemoteEngine` (`streamer serve --config`); clients see the same protocol.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import zmq
@@ -36,27 +36,18 @@ from protocol.messages import (
     Token,
     Welcome,
 )
-from protocol.sockets import Security, make_socket, start_authenticator
+from protocol.sockets import Security, Sockets
 from streamer.errors import ConfigError, StreamerError
 from streamer.generate import Generation, SamplingParams
-from streamer.tokenizer import Tokenizer
+from streamer.interface import EngineLike
+from streamer.tokenizer import TextStream, Tokenizer
 
 
 def default_endpoint() -> str:
     """ipc://$XDG_RUNTIME_DIR/streamer/front.sock, else under /tmp/streamer-UID."""
-    import os
-
     base = os.environ.get("XDG_RUNTIME_DIR")
     directory = Path(base) / "streamer" if base else Path(f"/tmp/streamer-{os.getuid()}")
     return f"ipc://{directory}/front.sock"
-
-
-def eos_ids(spec, tokenizer: Tokenizer, cfg) -> tuple[int, ...]:
-    """The ids that end a reply: the model config's and the tokenizer's end-of-sequence."""
-    eos = set(cfg.eos_token_ids)
-    if (eos_id := tokenizer.token_id(spec.eos_token)) is not None:
-        eos.add(eos_id)
-    return tuple(sorted(eos))
 
 
 @dataclass
@@ -76,12 +67,18 @@ class ServerSettings:
 
 
 class Server:
-    """Serves one engine (`streamer.engine.Engine`), which it closes when it stops."""
+    """Serves one engine, which it closes when it stops. Replies end at `tokenizer.stop_ids`."""
 
     def __init__(
-        self, engine: Any, tokenizer: Tokenizer, eos_ids: tuple[int, ...], settings: ServerSettings
+        self,
+        engine: EngineLike,
+        tokenizer: Tokenizer,
+        settings: ServerSettings,
+        stop_ids: tuple[int, ...] | None = None,
     ) -> None:
-        self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, eos_ids
+        """`stop_ids`: the ids that end a reply; None: the model's end-of-sequence ids."""
+        self.engine, self.tokenizer = engine, tokenizer
+        self.eos_ids = tokenizer.stop_ids(engine.cfg) if stop_ids is None else stop_ids
         self.settings = settings
         cfg = engine.cfg
         self.context = min(settings.context, cfg.max_positions)
@@ -92,31 +89,21 @@ class Server:
         self.counts = {"done": 0, "cancelled": 0, "failed": 0, "refused": 0}
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED):
-        ctx = zmq.asyncio.Context()
-        security = self.settings.security or Security()
-        auth = (
-            start_authenticator(ctx, security)
-            if self.settings.endpoint.startswith("tcp://")
-            else None
-        )
+        sockets = Sockets(self.settings.security, asyncio=True)
         sock = None
         try:
-            sock = make_socket(
-                ctx, zmq.ROUTER, self.settings.endpoint, bind=True, security=security
-            )
+            sock = sockets.socket(zmq.ROUTER, self.settings.endpoint, bind=True)
             send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
             async with send, receive, anyio.create_task_group() as tg:
                 tg.start_soon(self._receive, sock, send)
                 tg.start_soon(self._run, sock, receive)
                 task_status.started(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
-            if sock is not None:
-                sock.close(linger=0)
-                if self.settings.endpoint.startswith("ipc://"):  # leave no socket file behind
-                    Path(self.settings.endpoint[len("ipc://") :]).unlink(missing_ok=True)
-            if auth is not None:
-                auth.stop()
-            ctx.term()
+            sockets.close()
+            if sock is not None and self.settings.endpoint.startswith("ipc://"):
+                Path(self.settings.endpoint[len("ipc://") :]).unlink(
+                    missing_ok=True
+                )  # no file left
             self.engine.close()
 
     async def _reply(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
@@ -229,15 +216,12 @@ class Server:
         self.engine.telemetry.reset()
         run = Generation(self.engine, prompt_ids, params)
         tokens = iter(run)
-        shown = ""
+        stream = TextStream(tok)
         while True:
             token = await anyio.to_thread.run_sync(next, tokens, None)
             if token is None:
                 break
-            text = tok.decode(run.token_ids)
-            delta = ""
-            if not text.endswith("\ufffd") and text.startswith(shown):
-                delta, shown = text[len(shown) :], text
+            delta = stream.push(run.token_ids)
             await self._reply(
                 sock, job.identity, Token(r.request_id, len(run.token_ids) - 1, token, delta)
             )

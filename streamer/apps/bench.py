@@ -22,18 +22,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
+from tqdm import tqdm
 
+from streamer.calibrate import shipped_text
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
+from streamer.engine import load_engine
 from streamer.errors import ConfigError
+from streamer.ffn import safetensors_index
+from streamer.flash import ALIGN, probe_disk
+from streamer.layout import ConvertedModel
+from streamer.memory import parse_budget, rss_bytes
+from workers.config import PipelineConfig
+from workers.launcher import Pipeline
 
 ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
 PIPELINE_ROWS = ("pipeline", "serial")
@@ -127,8 +139,6 @@ def row_stats(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str,
 
 def _text_ids(directory: Path, settings: BenchSettings) -> list[int]:
     """The prompt and the tokens fed after it, from the bench text."""
-    from streamer.calibrate import shipped_text
-    from streamer.layout import ConvertedModel
 
     spec = ConvertedModel(directory).tokenizer()
     if spec is None:
@@ -160,7 +170,6 @@ def _decode(forward, ids: list[int], settings: BenchSettings, bar) -> list[int]:
 
 
 def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettings, bar):
-    from streamer.engine import load_engine, rss_bytes
 
     reset_peak_rss()
     max_len = len(ids) + 1
@@ -193,9 +202,6 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
 
 
 async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: Path, bar):
-    import anyio
-
-    from streamer.pipeline import Pipeline, PipelineConfig
 
     run_dir.mkdir(mode=0o700)
     threads = settings.threads
@@ -231,9 +237,6 @@ async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: P
 
 
 def pipeline_row(directory: Path, serial: bool, ids: list[int], settings, bar) -> dict[str, Any]:
-    import tempfile
-
-    import anyio
 
     with tempfile.TemporaryDirectory(prefix="streamer-bench-") as tmp:
         steps, out, memory = anyio.run(
@@ -264,7 +267,6 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise ConfigError(f"the accelerate row needs transformers and accelerate ({e})") from None
-    from streamer.engine import rss_bytes
 
     reset_peak_rss()
     hf_config = json.loads((hf_dir / "config.json").read_text())
@@ -320,8 +322,6 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
 
 def budget_split(directory: Path, plan) -> dict[str, float]:
     """The DRAM budget as fractions of the model, as the paper gives it for Falcon-7B."""
-    from streamer.engine import safetensors_index
-    from streamer.layout import ConvertedModel
 
     model = ConvertedModel(directory)
     index = safetensors_index(model.directory / "resident.safetensors")
@@ -360,11 +360,6 @@ def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dic
 
 
 def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from streamer.engine import parse_budget
-    from streamer.flash import ALIGN, probe_disk
-    from streamer.layout import ConvertedModel
 
     try:
         import matplotlib  # noqa: F401  (the chart, at the end: fail before the run, not after)
@@ -458,7 +453,6 @@ def _source_dir(model) -> Path | None:
 
 
 def machine() -> str:
-    import platform
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:

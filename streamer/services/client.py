@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio
 import zmq
-import zmq.asyncio
 
 from protocol.codec import decode, encode
 from protocol.messages import (
@@ -39,7 +38,7 @@ from protocol.messages import (
     Token,
     Welcome,
 )
-from protocol.sockets import Security, make_socket
+from protocol.sockets import Security, Sockets
 from streamer.errors import StreamerError
 
 
@@ -56,10 +55,8 @@ class Client:
         self._routes: dict[str, anyio.abc.ObjectSendStream[Message]] = {}
 
     async def __aenter__(self) -> Client:
-        self._ctx = zmq.asyncio.Context()
-        self._sock = make_socket(
-            self._ctx, zmq.DEALER, self.endpoint, bind=False, security=self.security
-        )
+        self._sockets = Sockets(self.security, asyncio=True)
+        self._sock = self._sockets.socket(zmq.DEALER, self.endpoint, bind=False)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -80,8 +77,7 @@ class Client:
     async def __aexit__(self, *exc: Any) -> None:
         self._tg.cancel_scope.cancel()
         await self._tg.__aexit__(None, None, None)
-        self._sock.close(linger=0)
-        self._ctx.term()
+        self._sockets.close()
 
     def _route(self, request_id: str):
         send, receive = anyio.create_memory_object_stream[Message](math.inf)

@@ -1,0 +1,154 @@
+"""What several commands share: the engine's and the network's options, checks that run before
+anything is loaded, and opening an engine for a model argument."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from protocol.sockets import Security
+from streamer.cpus import DEFAULT_CONCURRENCY, usable_cpus
+from streamer.engine import MODES as ENGINE_MODES
+from streamer.engine import Engine, dense_engine, load_engine
+from streamer.errors import ConfigError, ModelFormatError
+from streamer.layout import ConvertedModel
+from streamer.memory import parse_budget
+from streamer.predictor import META_FILE
+from streamer.registry import open_source
+from streamer.sources import Source
+
+log = logging.getLogger("streamer")
+
+MODEL_HELP = (
+    "a converted directory, a Hugging Face directory, a .gguf file, or 'default' "
+    "(SmolLM2-135M-Instruct, converted on first use)"
+)
+MODES = ("auto", *ENGINE_MODES)
+DEFAULT_WINDOW = 4
+DEFAULT_CONTEXT = 2048
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(usable_cpus()),
+        help="torch compute threads (default: every CPU this process may use, %(default)s)",
+    )
+
+
+def add_engine(p: argparse.ArgumentParser) -> None:
+    """The engine's options. Those a pipeline config can also set default to None here, so that
+    only flags given on the command line override the config file."""
+    g = p.add_argument_group("flash engine")
+    g.add_argument(
+        "--mode",
+        default="auto",
+        choices=MODES,
+        help="dense: all in DRAM; naive: every weight from flash per token; hybrid: "
+        "resident part in DRAM, whole FFN from flash; predictor: predicted neurons "
+        "only; window: + sliding window, one read per vector; all: + bundled reads; "
+        "oracle: the true active set. auto (default): all when the model is "
+        "converted and calibrated, else dense",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        help=f"tokens whose active neurons stay in DRAM (default: {DEFAULT_WINDOW})",
+    )
+    g.add_argument(
+        "--dram-budget",
+        metavar="SIZE",
+        help="DRAM for weights and caches: bytes, 2GiB, 500MB, or 60%% of the model "
+        "(default: no cap)",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        help=f"flash reads in flight (default: 4 per CPU, at most 32: {DEFAULT_CONCURRENCY} here)",
+    )
+    g.add_argument(
+        "--buffered",
+        action="store_true",
+        help="buffered reads instead of O_DIRECT (not cold-cache figures)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="compute dtype (default: float32 for dense, the stored dtype otherwise)",
+    )
+    add_threads(p)
+
+
+def add_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="CURVE keys for tcp:// endpoints (`streamer keys DIR`)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain tcp:// without CURVE (trusted networks only)",
+    )
+
+
+def security(args: argparse.Namespace) -> Security:
+    return Security(key_dir=args.keys, insecure=args.insecure)
+
+
+def set_threads(threads: int) -> None:
+    if threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}", "threads")
+    torch.set_num_threads(threads)
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """What can be checked without the model, before it is opened (which may convert it)."""
+    if args.window is not None and args.window < 1:
+        raise ConfigError(f"window must be at least 1, got {args.window}", "window")
+    if args.concurrency is not None and not 1 <= args.concurrency <= 1024:
+        raise ConfigError(
+            f"concurrency must be in [1, 1024], got {args.concurrency}", "concurrency"
+        )
+    parse_budget(args.dram_budget, 1)  # its syntax; the percentage needs the model
+    if args.threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {args.threads}", "threads")
+
+
+def open_engine(args: argparse.Namespace, max_len: int) -> tuple[Engine, Source]:
+    """(engine, source) for generate, eval and serve; `--mode auto` picks all or dense."""
+    source = open_source(args.model)
+    mode = args.mode
+    converted = isinstance(source, ConvertedModel)
+    if mode == "auto":
+        calibrated = converted and (source.directory / META_FILE).is_file()
+        mode = "all" if calibrated else "dense"
+        if not calibrated:
+            why = "not calibrated: run `streamer calibrate`" if converted else "not converted"
+            log.info("mode dense (the model is %s for the flash modes)", why)
+    if mode == "dense" and not converted:
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        return dense_engine(source, dtype, max_len), source
+    if not converted:
+        raise ModelFormatError(
+            f"mode {mode} streams from the flash layout: run `streamer "
+            f"convert {args.model} OUT` and pass OUT"
+        )
+    engine = load_engine(
+        source.directory,
+        mode=mode,
+        window=DEFAULT_WINDOW if args.window is None else args.window,
+        dram_budget=args.dram_budget,
+        concurrency=DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency,
+        direct=not args.buffered,
+        dtype=args.dtype,
+        max_len=max_len,
+    )
+    if engine.mode != "dense" or args.dram_budget:
+        log.info("mode %s: %s", engine.mode, engine.plan.describe())
+    return engine, source

@@ -1,0 +1,249 @@
+"""Commands that run a model: generate (here, or through a running server) and eval."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from protocol.messages import Done
+from streamer.calibrate import perplexity
+from streamer.cli.common import (
+    DEFAULT_WINDOW,
+    MODEL_HELP,
+    add_engine,
+    add_security,
+    check_engine_args,
+    open_engine,
+    security,
+    set_threads,
+)
+from streamer.errors import ConfigError, StreamerError
+from streamer.generate import Generation, SamplingParams
+from streamer.memory import rss_bytes
+from streamer.registry import load_tokenizer, open_source
+from streamer.services.client import Client
+from streamer.telemetry import COUNTERS, LAYER_COLUMNS, TIMES
+from streamer.tokenizer import TextStream
+
+log = logging.getLogger("streamer")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text; streams it to the terminal, or prints one "
+        "JSON object with --json.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default="default",
+        help=MODEL_HELP + " (default: default)",
+    )
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="0 for greedy decoding (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template as a user turn",
+    )
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--stats", action="store_true", help="print a telemetry table on stderr")
+    p.add_argument(
+        "--connect",
+        metavar="ENDPOINT",
+        help="ask a running `streamer serve` instead of loading MODEL here",
+    )
+    add_security(p)
+    add_engine(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a text in any mode",
+        description="Perplexity of each token given the ones before it.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a converted directory or 'default'")
+    p.add_argument("--text", type=Path, required=True, help="the text file")
+    p.add_argument(
+        "--context", type=int, default=512, help="tokens per sequence (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=4096, help="most tokens scored (default: %(default)s)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print {perplexity, tokens, mode, ...} as JSON"
+    )
+    add_engine(p)
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.connect:
+        return _generate_remote(args)
+    # Every flag is checked before the model is opened (which may convert it first).
+    check_engine_args(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    set_threads(args.threads)
+    t0 = time.perf_counter()
+    source = open_source(args.model)
+    tokenizer = load_tokenizer(source, args.model)
+    prompt_ids = (
+        tokenizer.chat(args.prompt, args.system) if args.chat else tokenizer.encode(args.prompt)
+    )
+    engine, source = open_engine(args, len(prompt_ids) + args.max_tokens)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    stops = () if args.ignore_eos else tokenizer.stop_ids(source.config)
+    params = dataclasses.replace(params, stop_ids=stops)
+    with engine:
+        run = Generation(engine, prompt_ids, params)
+        if args.json:
+            run.run()
+        else:
+            stream = TextStream(tokenizer)
+            for _ in run:
+                sys.stdout.write(stream.push(run.token_ids))
+                sys.stdout.flush()
+            sys.stdout.write(stream.finish(run.token_ids) + "\n")
+    telemetry = engine.telemetry
+    summary = {
+        "model": source.description,
+        "mode": engine.mode,
+        "threads": args.threads,
+        "window": args.window or DEFAULT_WINDOW,
+        "load_ms": round(load_ms, 3),
+        **run.summary,
+        **telemetry.summary(),
+        "peak_rss_bytes": rss_bytes(peak=True),
+        "memory": engine.plan.as_dict(),
+    }
+    if args.stats:
+        _print_stats(telemetry, summary)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "token_ids": run.token_ids,
+                    "text": tokenizer.decode(run.token_ids),
+                    "prompt_token_ids": prompt_ids,
+                    "summary": summary,
+                    "steps": telemetry.steps,
+                }
+            )
+        )
+    else:
+        print(
+            f"[{summary['generated_tokens']} tokens, {summary['ms_per_token']} ms/token, "
+            f"mode {engine.mode}, stop: {summary['stop_reason']}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    async def main() -> Done:
+        async with Client(args.connect, security(args)) as client:
+            async for event in client.generate(
+                args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                chat=args.chat,
+                system=args.system or "",
+                ignore_eos=args.ignore_eos,
+            ):
+                if isinstance(event, Done):
+                    return event
+                if not args.json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+        raise StreamerError("the server ended the request without a result")
+
+    done = anyio.run(main)
+    if args.json:
+        print(json.dumps({"token_ids": done.token_ids, "text": done.text, "summary": done.summary}))
+    else:
+        print()
+    return 0
+
+
+def _print_stats(telemetry, summary: dict[str, Any]) -> None:
+    out = sys.stderr
+    per = summary.get("per_token")
+    print(
+        f"mode {summary['mode']}, {summary['generated_tokens']} tokens, peak RSS "
+        f"{summary['peak_rss_bytes'] / 2**20:.1f} MiB",
+        file=out,
+    )
+    if not per:
+        return
+    values = (
+        f"{k} {per[k]:.1f}" if isinstance(per[k], float) else f"{k} {per[k]}"
+        for k in (*COUNTERS, *TIMES)
+    )
+    print("per decoded token: " + ", ".join(values), file=out)
+    decode = [s for s in telemetry.steps if s["tokens"] == 1]
+    if not decode or not decode[0]["layers"]:
+        return
+    print(f"{'layer':>5} " + " ".join(f"{k:>10}" for k in LAYER_COLUMNS), file=out)
+    for i in range(len(decode[0]["layers"])):
+        means = [sum(s["layers"][i][k] for s in decode) / len(decode) for k in LAYER_COLUMNS]
+        print(f"{i:>5} " + " ".join(f"{m:>10.1f}" for m in means), file=out)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    check_engine_args(args)
+    if not args.text.is_file():
+        raise ConfigError(f"text file {args.text} not found")
+    if args.context < 2:
+        raise ConfigError(f"context must be at least 2, got {args.context}", "context")
+    set_threads(args.threads)
+    tokenizer = load_tokenizer(open_source(args.model), args.model)
+    tokens = tokenizer.encode(args.text.read_text())[: args.max_tokens]
+    engine, _ = open_engine(args, args.context)
+    if engine.flash_ffn is not None and hasattr(engine.flash_ffn, "dense_prefill"):
+        engine.flash_ffn.dense_prefill = False  # score every token through the window
+    t0 = time.perf_counter()
+    with engine:
+        ppl, n = perplexity(engine, tokens, args.context)
+    result = {
+        "perplexity": round(ppl, 4),
+        "tokens": n,
+        "mode": engine.mode,
+        "window": args.window or DEFAULT_WINDOW,
+        "seconds": round(time.perf_counter() - t0, 2),
+        **{k: v for k, v in engine.telemetry.summary().items() if k != "per_token"},
+    }
+    print(
+        json.dumps(result)
+        if args.json
+        else f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})"
+    )
+    return 0

@@ -1,0 +1,173 @@
+"""Commands that serve: serve (one process, or the pipeline with --config), stage, keys."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import anyio
+import torch
+
+from protocol.sockets import make_keys
+from streamer.cli.common import (
+    DEFAULT_CONTEXT,
+    MODEL_HELP,
+    add_engine,
+    add_security,
+    check_engine_args,
+    open_engine,
+    security,
+    set_threads,
+)
+from streamer.errors import ConfigError
+from streamer.registry import load_tokenizer, open_source
+from streamer.services.pipeline import serve_pipeline
+from streamer.services.server import Server, ServerSettings, default_endpoint
+from workers.config import PipelineConfig
+from workers.launcher import run_remote_stage
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve generation over ZeroMQ",
+        description="Load MODEL, bind ENDPOINT, print `ready ENDPOINT`, and serve `generate` "
+        "requests (protocol/README.md) until SIGINT or SIGTERM. Without --config: the "
+        "single-process engine. With --config FILE (deploy/pipeline.toml): the pipeline of "
+        "predictor, prefetch and compute processes; MODEL and the options given here override "
+        "the file's.",
+    )
+    p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP)
+    p.add_argument("--config", type=Path, help="run the pipeline with this TOML config")
+    p.add_argument(
+        "--serial",
+        action="store_true",
+        help="pipeline: the same stages without overlapping I/O and compute (for comparison)",
+    )
+    p.add_argument(
+        "--endpoint",
+        help="ipc://PATH or tcp://HOST:PORT (default: "
+        "ipc://$XDG_RUNTIME_DIR/streamer/front.sock, else under /tmp/streamer-UID)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        help=f"most tokens of prompt plus reply a request may use (default: {DEFAULT_CONTEXT})",
+    )
+    add_security(p)
+    add_engine(p)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
+        "stage",
+        help="run one pipeline stage for a launcher on another host",
+        description="Run the predictor, prefetch or compute stage of the pipeline in FILE, "
+        "which lists it under `remote` (so its launcher does not start it) and gives every "
+        "link a tcp:// endpoint. Rows travel as zero-copy frames: no memory is shared. The "
+        "model must be at the config's path on this host too. Stops on SIGTERM.",
+    )
+    p.add_argument("name", choices=("predictor", "prefetch", "compute"), help="the stage")
+    p.add_argument("--config", type=Path, required=True, help="the pipeline's TOML config")
+    p.set_defaults(handler=cmd_stage)
+
+    p = sub.add_parser(
+        "keys",
+        help="make CURVE key pairs for tcp:// endpoints",
+        description="Write a server and a client key pair (pyzmq certificate files) into DIR "
+        "(mode 0700; secret files 0600). A server admits the client public keys in DIR.",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path, help="the directory for the keys")
+    p.set_defaults(handler=cmd_keys)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        return _serve_pipeline(args)
+    if args.serial:
+        raise ConfigError("--serial is a pipeline setting: it needs --config")
+    args.model = args.model or "default"
+    context = DEFAULT_CONTEXT if args.context is None else args.context
+    check_engine_args(args)
+    if context < 2:
+        raise ConfigError(f"context must be at least 2, got {context}", "context")
+    set_threads(args.threads)
+    tokenizer = load_tokenizer(open_source(args.model), args.model)
+    engine, source = open_engine(args, context)
+    settings = ServerSettings(
+        args.endpoint or default_endpoint(),
+        security(args),
+        model_name=source.description,
+        context=context,
+    )
+    server = Server(engine, tokenizer, settings)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            endpoint = await tg.start(server.serve)
+            print(f"ready {endpoint}", flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+    anyio.run(main)
+    return 0
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config file's settings, overridden by every option given on the command line."""
+    given = {
+        "model": args.model,
+        "endpoint": args.endpoint,
+        "serial": args.serial or None,
+        "key_dir": str(args.keys) if args.keys else None,
+        "insecure": args.insecure or None,
+        "dram_budget": args.dram_budget,
+        "dtype": args.dtype,
+        "direct": False if args.buffered else None,
+        # None where the option was not given (no parser default): the file's value stands.
+        "window": args.window,
+        "concurrency": args.concurrency,
+        "context": args.context,
+    }
+    if args.mode not in ("auto", "all"):
+        raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")
+    return PipelineConfig.from_toml(
+        args.config, **{k: v for k, v in given.items() if v is not None}
+    )
+
+
+def _serve_pipeline(args: argparse.Namespace) -> int:
+    config = pipeline_config(args)
+    torch.set_num_threads(1)  # this process only samples; the cores are compute's
+
+    async def main() -> None:
+        async with serve_pipeline(config) as pipeline:
+            print(f"ready {pipeline.endpoint}", flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    return
+
+    try:
+        anyio.run(main)
+    finally:
+        # `spawn` started multiprocessing's resource tracker; stop (and reap) it too, so that
+        # nothing of ours outlives the launcher. (A private API: absent, the tracker exits
+        # by itself when this process does.)
+        stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+        if stop is not None:
+            stop()
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    run_remote_stage(args.name, PipelineConfig.from_toml(args.config))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    for name, path in make_keys(args.dir).items():
+        print(f"{name}: {path}")
+    return 0
