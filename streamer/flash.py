@@ -3,17 +3,17 @@
 `FlashReader` opens a file with O_DIRECT so that the OS page cache never serves as hidden DRAM
 (the paper's cold-cache measurements). Where the filesystem refuses O_DIRECT (tmpfs, some
 network filesystems) it falls back to buffered reads followed by `posix_fadvise(DONTNEED)`, and
-says so once on stderr. Reads run on a thread pool of `os.preadv` calls (the GIL is released
+logs a warning once. Reads run on a thread pool of `os.preadv` calls (the GIL is released
 while the kernel reads); `concurrency` is how many are in flight. Adjacent bundles become one
 larger read. `probe_disk` measures what the disk itself can do with the same machinery.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import torch
 from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, StreamerError
 
+log = logging.getLogger(__name__)
 ALIGN = 4096
 _warned: set[str] = set()
 
@@ -96,11 +97,12 @@ class FlashReader:
         fs = os.path.dirname(os.path.abspath(self.path))
         if fs not in _warned:
             _warned.add(fs)
-            print(
-                f"WARNING: O_DIRECT refused for {self.path} ({error.strerror}); falling back "
-                "to buffered reads with posix_fadvise(DONTNEED). Reads may be served from the "
-                "page cache, so flash timings here are not cold-cache figures.",
-                file=sys.stderr,
+            log.warning(
+                "WARNING: O_DIRECT refused for %s (%s); falling back to buffered reads with "
+                "posix_fadvise(DONTNEED). Reads may be served from the page cache, so flash "
+                "timings here are not cold-cache figures.",
+                self.path,
+                error.strerror,
             )
 
     def close(self) -> None:

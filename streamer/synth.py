@@ -22,9 +22,9 @@ fraction of neurons newly needed per token with a window of k tokens (the paper'
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -45,6 +45,7 @@ from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
 from streamer.sources import HFSource, LayerWeights
 from streamer.tokenizer import TokenizerSpec
 
+log = logging.getLogger(__name__)
 GB = 10**9
 # Scale of the attention output: how much each token's residual stream carries of the tokens
 # before it, so how many active neurons consecutive tokens share. 1.0 makes the neurons newly
@@ -331,11 +332,15 @@ def synth(
     total = sum(v.numel() for v in tensors.values()) * torch_dtype.itemsize
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
-    print(
-        f"synth {like}: {len(tensors)} tensors, {total / GB:.2f} GB in {dtype}; converting it "
-        f"needs as much again (about {2 * total / GB:.1f} GB in all); {free / GB:.1f} GB free",
-        file=sys.stderr,
-        flush=True,
+    log.info(
+        "synth %s: %d tensors, %.2f GB in %s; converting it needs as much again (about %.1f GB "
+        "in all); %.1f GB free",
+        like,
+        len(tensors),
+        total / GB,
+        dtype,
+        2 * total / GB,
+        free / GB,
     )
     if free < total * 1.02:
         out.rmdir()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,25 @@ def hf_model(tmp_path_factory: pytest.TempPathFactory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _every_socket_closed():
+    """A ZeroMQ socket a test leaves open fails that test, by name, instead of a later test
+    whose garbage collection happens to find it (its ResourceWarning is an error here)."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaked == [], "left unclosed"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `bench` compare timings: they run only when asked for (`-m bench`)."""
+    if "bench" in (config.option.markexpr or ""):
+        return
+    bench = [item for item in items if item.get_closest_marker("bench")]
+    if bench:
+        config.hook.pytest_deselected(items=bench)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from streamer.apps.bench import ROWS, BenchSettings
 
+from streamer.apps.bench import ROWS, BenchSettings
 from streamer.errors import ConfigError
 
 

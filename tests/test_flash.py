@@ -64,7 +64,7 @@ def test_buffered_reads_return_the_same_bytes(data_file):
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
-def test_tmpfs_refuses_o_direct_and_the_reader_warns(capsys):
+def test_tmpfs_refuses_o_direct_and_the_reader_warns(caplog):
     path = f"/dev/shm/streamer-test-{os.getpid()}"
     with open(path, "wb") as f:
         f.write(bytes(4 * ALIGN))
@@ -72,10 +72,11 @@ def test_tmpfs_refuses_o_direct_and_the_reader_warns(capsys):
         with FlashReader(path) as reader:
             buf = aligned_buffer(ALIGN)
             reader.read([(0, memoryview(buf.numpy()))])
-        if not reader.direct:
-            assert "O_DIRECT refused" in capsys.readouterr().err
     finally:
         os.unlink(path)
+    if reader.direct:
+        pytest.skip("this kernel's tmpfs takes O_DIRECT: no fall-back to test here")
+    assert "O_DIRECT refused" in caplog.text
 
 
 def test_merge_runs():

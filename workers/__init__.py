@@ -1,5 +1,7 @@
-"""Pipeline stage processes (predictor, flash prefetch, compute), one module each.
+"""Runtime B, the pipeline: separate processes over ZeroMQ (predictor, flash prefetch, compute).
 
-Each stage is a process with one entry function, `run(config)`, connected to the others over
-ZeroMQ. The stages arrive with the pipeline issue; the single-process engine lives in `streamer`.
+`config` holds the settings and the plan, `launcher` starts and watches the stages, `remote` is
+the front end's engine interface over them, `shm` the rows they share; each stage module has one
+entry function, `run(spec)`. The single-process runtime is `streamer.engine`; neither imports
+the other, and both stand on the core in `streamer/`.
 """
