@@ -69,6 +69,7 @@ def test_convert_then_generate_every_model_kind(tmp_path):
     assert proc.stdout.strip() == first["text"].strip()
 
 
+@pytest.mark.slow
 def test_generate_from_hf_directory(hf_model):
     proc = streamer(
         "generate",
@@ -127,6 +128,7 @@ def test_flags_given_to_serve_override_its_config_file(tmp_path):
     assert (untouched.window, untouched.context) == (8, 1024)
 
 
+@pytest.mark.slow
 def test_convert_refuses_a_directory_holding_another_model(hf_model, tmp_path):
     out = tmp_path / "m"
     streamer("convert", str(hf_model("llama")), str(out))
@@ -151,6 +153,7 @@ def calibrated_opt(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_generate_modes_report_telemetry(calibrated_opt):
     results = {}
     for mode in ("dense", "hybrid", "all"):
@@ -184,6 +187,7 @@ def test_generate_modes_report_telemetry(calibrated_opt):
     assert "mode all: DRAM budget" in proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_prints_perplexity_per_mode(calibrated_opt, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 8)

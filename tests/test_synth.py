@@ -55,6 +55,7 @@ def test_synth_real_shapes_and_bad_arguments(tmp_path):
         synth("opt-6.7b", tmp_path / "full", layers=1, scale=16, progress=False)
 
 
+@pytest.mark.slow
 def test_synth_convert_calibrate_generate_from_the_command_line(tmp_path):
     def streamer(*args: str) -> str:
         proc = subprocess.run(
