@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from streamer.errors import ConfigError, ModelFormatError
+from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forward
 from streamer.predictor import (
@@ -36,6 +36,7 @@ from streamer.predictor import (
     recall_precision,
     train_predictor,
 )
+from streamer.registry import load_tokenizer
 from streamer.sources import LayerWeights
 
 
@@ -146,10 +147,7 @@ def _perplexity(nll: float, count: int) -> float:
 
 
 def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
-    spec = source.tokenizer()
-    if spec is None:
-        raise ModelFormatError(f"{source.directory} has no tokenizer to read calibration text")
-    tok = spec.build()
+    tok = load_tokenizer(source)
     ids: list[int] = []
     for text in texts:
         ids += tok.encode(text)

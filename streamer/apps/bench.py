@@ -42,8 +42,9 @@ from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.ffn import safetensors_index
 from streamer.flash import ALIGN, probe_disk
-from streamer.layout import ConvertedModel
+from streamer.layout import RESIDENT_FILE, ConvertedModel
 from streamer.memory import parse_budget, rss_bytes
+from streamer.registry import load_tokenizer
 from workers.config import PipelineConfig
 from workers.launcher import Pipeline
 
@@ -139,15 +140,12 @@ def row_stats(name: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str,
 
 def _text_ids(directory: Path, settings: BenchSettings) -> list[int]:
     """The prompt and the tokens fed after it, from the bench text."""
-
-    spec = ConvertedModel(directory).tokenizer()
-    if spec is None:
-        raise ConfigError(f"{directory} has no tokenizer to encode the bench text")
+    tokenizer = load_tokenizer(ConvertedModel(directory))
     if settings.text is not None and not settings.text.is_file():
         raise ConfigError(f"bench text {settings.text} not found")
     text = settings.text.read_text() if settings.text else shipped_text("heldout.txt")
     need = PROMPT_TOKENS + settings.tokens
-    ids = spec.build().encode(text)[:need]
+    ids = tokenizer.encode(text)[:need]
     if len(ids) < need:
         raise ConfigError(f"the bench text has {len(ids)} tokens; --tokens needs {need}")
     return ids
@@ -324,7 +322,7 @@ def budget_split(directory: Path, plan) -> dict[str, float]:
     """The DRAM budget as fractions of the model, as the paper gives it for Falcon-7B."""
 
     model = ConvertedModel(directory)
-    index = safetensors_index(model.directory / "resident.safetensors")
+    index = safetensors_index(model.directory / RESIDENT_FILE)
     embed = sum(v[3] - v[2] for k, v in index.items() if not k.startswith("layers."))
     m = plan.model_bytes
     split = {
