@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from streamer.cli import build_parser, main
+from streamer.cli.common import check_engine_args
 from streamer.cli.serve import pipeline_config
 from streamer.registry import default_gguf
 
@@ -112,6 +113,17 @@ def test_bad_input_is_one_clear_line_naming_the_flag_before_any_model_is_loaded(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "cache").exists()
+
+
+def test_good_flags_pass_the_early_checks(capsys):
+    """The early checks refuse only what is wrong: a percentage budget is fine before the
+    model's size is known (a 50% budget was once refused as 0 bytes here)."""
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "hi", "--dram-budget", "50%", "--window", "2"]
+    )
+    check_engine_args(args)
+    args.dram_budget = "1.5GiB"
+    check_engine_args(args)
 
 
 def test_flags_given_to_serve_override_its_config_file(tmp_path):

@@ -106,7 +106,9 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
     calibrated, tmp_path, family, processes, serial, budget, weights
 ):
     directory = calibrated(family)
-    cfg = config(tmp_path, directory, serial=serial, weights=weights)
+    # stages as tasks share this event loop: a loaded machine may delay their heartbeats
+    slack = {} if processes else {"dead_after_s": 10.0}
+    cfg = config(tmp_path, directory, serial=serial, weights=weights, **slack)
     if budget == "tight":  # windows of 24 rows: evictions and overflow every token
         memory = plan_pipeline(cfg).memory
         memory.cache_rows = 24
@@ -499,6 +501,9 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, caplog):
         endpoint=f"tcp://127.0.0.1:{ports[0]}",
         key_dir=str(tmp_path / "keys"),
         endpoints={name: f"tcp://127.0.0.1:{p}" for name, p in zip(links, ports[1:], strict=True)},
+        # stages as tasks of this process share its event loop: on a loaded machine a heartbeat
+        # can be late by more than the default 1 s; liveness is tested with processes elsewhere
+        dead_after_s=10.0,
     )
     want = engine_tokens(directory, PROMPT, 8)
     security = Security(tmp_path / "keys")

@@ -15,7 +15,7 @@ from streamer.engine import MODES as ENGINE_MODES
 from streamer.engine import Engine, dense_engine, load_engine
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
-from streamer.memory import parse_budget
+from streamer.memory import parse_size
 from streamer.predictor import META_FILE
 from streamer.registry import open_source
 from streamer.sources import Source
@@ -115,7 +115,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"concurrency must be in [1, 1024], got {args.concurrency}", "concurrency"
         )
-    parse_budget(args.dram_budget, 1)  # its syntax; the percentage needs the model
+    if args.dram_budget:  # its syntax: a percentage's bytes need the model, so any whole will do
+        parse_size(args.dram_budget, "dram_budget", whole=1 << 60)
     if args.threads < 1:
         raise ConfigError(f"threads must be at least 1, got {args.threads}", "threads")
 
