@@ -113,7 +113,7 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
         memory = plan_pipeline(cfg).memory
         memory.cache_rows = 24
         cfg.dram_budget = str(memory.total)  # exactly what 24 rows a layer need
-        assert plan_pipeline(cfg).layout.capacity == 24
+        assert plan_pipeline(cfg).shared.capacity == 24
     want = engine_tokens(directory, PROMPT, 24, 24 if budget else None)
     async with (
         serve_pipeline(cfg, processes=processes) as p,

@@ -154,7 +154,7 @@ class PipelineFFN:
         if self.spec.frames:
             self._apply(msg)
         ids = self.shm.ids[layer, : msg.cached].copy()
-        overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.layout.scratch_base]
+        overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.shared.scratch_base]
         out = sparse_ffn(
             x,
             self.layout,
@@ -168,7 +168,7 @@ class PipelineFFN:
     def _apply(self, msg: RowsReady) -> None:
         """Frames: what shared memory would have done here. The predictor's row moves, then
         the new rows (and, for cache rows, their neuron ids) from the message's frame."""
-        lay = self.spec.layout
+        sl = self.spec.shared
         cache, ids = self.shm.cache(msg.layer), self.shm.ids[msg.layer]
         if len(msg.moves):
             to, src = msg.moves[:, 0], msg.moves[:, 1]
@@ -182,8 +182,8 @@ class PipelineFFN:
             )
         if len(rows):
             self.shm.rows.numpy()[rows] = msg.data
-            kept = rows < lay.scratch_base
-            ids[rows[kept] - lay.cache_base(msg.layer)] = np.asarray(msg.neurons)[kept]
+            kept = rows < sl.scratch_base
+            ids[rows[kept] - sl.cache_base(msg.layer)] = np.asarray(msg.neurons)[kept]
 
     def _load(self, layer: int) -> None:
         self._send(self.prefetch, LoadLayer(self.request_id, layer, layer % 2))
@@ -204,15 +204,15 @@ class PipelineFFN:
         w = layer_weights(self.layout, staged, self.biases[layer])
         out, sets = prefill_ffn(x, w, self.act, self.activity[layer], self.spec.window)
         t0 = time.perf_counter()
-        lay = self.spec.layout
+        sl = self.spec.shared
         books = WindowCache(
-            lay.n_neurons,
-            lay.capacity,
-            lay.stride,
+            sl.n_neurons,
+            sl.capacity,
+            sl.stride,
             self.spec.window,
             self.shm.cache(layer),
             # with frames, compute keeps the ids itself; else the predictor's books write them
-            self.shm.ids[layer] if self.spec.frames else np.empty(lay.capacity, dtype=np.int64),
+            self.shm.ids[layer] if self.spec.frames else np.empty(sl.capacity, dtype=np.int64),
         )
         books.fill(sets, staged)  # the same steps as the predictor's books: the same rows
         self.stats["mem_ms"] += (time.perf_counter() - t0) * 1e3

@@ -177,14 +177,14 @@ class PipelinePlan:
     """What the stages hold: the model, the shared rows' layout, and the memory plan."""
 
     model: ConvertedModel
-    layout: SharedLayout
+    shared: SharedLayout
     memory: MemoryPlan
 
     def describe(self) -> str:
-        lay = self.layout
+        sl = self.shared
         return (
-            f"pipeline: {self.memory.describe()}; windows {lay.n_layers} x {lay.capacity} rows, "
-            f"overflow {lay.n_neurons - lay.capacity}, 2 staging layers of {lay.n_neurons}, in "
+            f"pipeline: {self.memory.describe()}; windows {sl.n_layers} x {sl.capacity} rows, "
+            f"overflow {sl.n_neurons - sl.capacity}, 2 staging layers of {sl.n_neurons}, in "
             "shared memory; the fixed overhead is per process"
         )
 
@@ -227,17 +227,17 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
 
 def stage_limits(config: PipelineConfig, plan: PipelinePlan) -> Limits:
     """What every stage's decoder accepts, from the model and the layout."""
-    cfg, lay = plan.model.config, plan.layout
+    cfg, sl = plan.model.config, plan.shared
     return Limits(
         vocab_size=cfg.vocab_size,
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
         n_neurons=cfg.d_ffn,
-        row_bytes=lay.stride,
-        n_rows=lay.n_rows,
+        row_bytes=sl.stride,
+        n_rows=sl.n_rows,
         max_tokens=min(config.context, cfg.max_positions),
         # a vocabulary's logits; with frames, a whole layer's rows during a prompt
-        max_frame_bytes=max(256 << 20, cfg.vocab_size * 4 + 4096, cfg.d_ffn * lay.stride),
+        max_frame_bytes=max(256 << 20, cfg.vocab_size * 4 + 4096, cfg.d_ffn * sl.stride),
     )
 
 
@@ -259,7 +259,7 @@ def stage_spec(
         model_dir=plan.model.directory,
         endpoints=endpoints,
         shm_path=shm_path,
-        layout=plan.layout,
+        shared=plan.shared,
         window=config.window,
         serial=config.serial,
         frames=frames,

@@ -158,7 +158,7 @@ class Pipeline:
         sockets = Sockets(security, asyncio=True)
         try:
             if not frames:
-                self.shm = SharedRows(shm_path, plan.layout, create=True)
+                self.shm = SharedRows(shm_path, plan.shared, create=True)
             health = sockets.socket(zmq.PULL, endpoints["health"], True)
             to_compute = sockets.socket(zmq.PUSH, endpoints["compute"], False)
             mode = "pipeline-serial" if config.serial else "pipeline"

@@ -32,12 +32,12 @@ class PredictorStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
         cfg, lay = model.config, model.layout
-        self.spec, self.layout, self.n_layers = spec, spec.layout, cfg.n_layers
+        self.spec, self.shared, self.n_layers = spec, spec.shared, cfg.n_layers
         self.dtype = parse_dtype(spec.dtype) if spec.dtype else lay.dtype
         self.predictors = Predictors.load(
             model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=not spec.serial
         ).to(self.dtype)
-        c, n = spec.layout.capacity, cfg.d_ffn
+        c, n = spec.shared.capacity, cfg.d_ffn
         if spec.frames:  # the books alone; compute applies each token's row moves itself
             self.caches = [
                 WindowCache(n, c, lay.stride, spec.window, books_only=True)
@@ -69,7 +69,7 @@ class PredictorStage:
 
     def _predict(self, msg: FFNInput) -> Iterator[Fetch]:
         t0 = time.perf_counter()
-        layer, lay = msg.layer, self.layout
+        layer, sl = msg.layer, self.shared
         x = torch.from_numpy(np.array(msg.x)).to(self.dtype)  # [1, d]
         active = self.predictors.predict(layer, x)
         t1 = time.perf_counter()
@@ -79,8 +79,8 @@ class PredictorStage:
         neurons = np.concatenate([plan.load, plan.overflow])
         rows = np.concatenate(
             [
-                lay.cache_base(layer) + plan.start + np.arange(len(plan.load)),
-                lay.scratch_base + np.arange(len(plan.overflow)),
+                sl.cache_base(layer) + plan.start + np.arange(len(plan.load)),
+                sl.scratch_base + np.arange(len(plan.overflow)),
             ]
         )
         stats = {
@@ -101,7 +101,7 @@ class PredictorStage:
         if guess is not None:
             # Not in the next layer's window now: read into the staging slot of that layer.
             missing = guess[self.caches[nxt].row_of[guess] < 0]
-            staged = lay.stage_base(nxt % 2) + np.arange(len(missing))
+            staged = sl.stage_base(nxt % 2) + np.arange(len(missing))
             yield Fetch(msg.request_id, step, nxt, missing, staged, lookahead=True)
 
 

@@ -44,7 +44,7 @@ class StageSpec:
     model_dir: Path
     endpoints: dict[str, str]  # predictor, prefetch, compute, rows, results, health
     shm_path: Path
-    layout: SharedLayout
+    shared: SharedLayout  # the rows the stages share (or each keep, with frames)
     window: int
     serial: bool
     concurrency: int
@@ -63,8 +63,8 @@ class StageSpec:
     def rows(self) -> SharedRows:
         """This stage's view of the window rows: the launcher's shared memory, or its own."""
         if self.frames:
-            return SharedRows.private(self.layout)
-        return SharedRows(self.shm_path, self.layout)
+            return SharedRows.private(self.shared)
+        return SharedRows(self.shm_path, self.shared)
 
 
 class StageContext(Sockets):
