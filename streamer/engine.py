@@ -324,7 +324,9 @@ def dense_engine(
         n_layers=cfg.n_layers,
         overhead=overhead,
     )
-    return Engine(model, Telemetry(), plan, "dense", None, [])
+    # A converted model's FFN is on flash even when this engine reads it whole into DRAM.
+    on_flash = source.layout.file_bytes if isinstance(source, ConvertedModel) else 0
+    return Engine(model, Telemetry(on_flash), plan, "dense", None, [])
 
 
 def load_engine(
@@ -359,7 +361,7 @@ def load_engine(
         ).to(compute)
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
     try:
-        telemetry = Telemetry()
+        telemetry = Telemetry(lay.file_bytes)
         if mode == "naive":
             path = model.directory / RESIDENT_FILE
             readers.append(FlashReader(path, concurrency=concurrency, direct=direct))

@@ -48,7 +48,8 @@ class LayerStats:
 class Telemetry:
     """Per step and per layer; `summary` totals a run and averages its decode steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, ffn_bytes: int = 0) -> None:
+        self.ffn_bytes = ffn_bytes  # the FFN's size on flash (0: the model has none there)
         self.steps: list[dict[str, Any]] = []
         self.layers: list[LayerStats] = []
         self.extra = ReadStats()  # reads outside the FFN (naive mode's resident part)
@@ -89,6 +90,7 @@ class Telemetry:
             k for k in PIPELINE_KEYS if self.steps and all(k in s for s in self.steps)
         )
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
+        out["ffn_bytes"] = self.ffn_bytes  # bytes_read per token as a fraction of the FFN
         if self.steps:
             out["prefill"] = {k: self.steps[0][k] for k in keys}
         decode = [s for s in self.steps if s["tokens"] == 1]

@@ -15,6 +15,7 @@ from streamer.convert import convert
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.generate import Generation, SamplingParams
+from streamer.layout import ConvertedModel
 from streamer.sources import HFSource
 from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import make_sparse_opt
@@ -95,6 +96,16 @@ def test_bytes_per_token_fall_as_in_the_papers_table_2(sparse_opt):
     # ... in fewer, larger reads (one per bundle run instead of one per vector).
     assert rows["all"]["reads"] < rows["window"]["reads"]
     assert rows["predictor"]["predicted"] < rows["hybrid"]["predicted"]
+
+
+def test_the_summary_says_how_big_the_ffn_on_flash_is(sparse_opt):
+    ffn_bytes = ConvertedModel(sparse_opt).layout.file_bytes
+    for mode in ("dense", "all"):
+        with load_engine(sparse_opt, mode=mode, window=4, max_len=64) as e:
+            Generation(e, PROMPT, SamplingParams(max_tokens=4, temperature=0)).run()
+            summary = e.telemetry.summary()
+        assert summary["ffn_bytes"] == ffn_bytes, mode
+    assert 0 < summary["per_token"]["bytes_read"] < ffn_bytes  # `all` reads a fraction
 
 
 def test_calibration_report_and_predictor_quality(sparse_opt):

@@ -29,6 +29,7 @@ from streamer.cpus import parse_cpus
 from streamer.engine import load_engine
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.generate import Generation, SamplingParams
+from streamer.layout import ConvertedModel
 from streamer.registry import DEFAULT_NAME, resolve_default
 from streamer.services.client import Client, ClientError
 from streamer.services.pipeline import serve_pipeline
@@ -133,6 +134,7 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
     assert s["mode"] == ("pipeline-serial" if serial else "pipeline")
     assert s["per_token"]["wait_ms"] >= 0 and s["per_token"]["io_ms"] >= 0
     assert s["bytes_read"] > 0 and s["predicted"] > 0
+    assert s["ffn_bytes"] == ConvertedModel(directory).layout.file_bytes
     if budget:
         assert s["overflow"] + s["evicted"] > 0
     if serial:

@@ -164,7 +164,13 @@ class Pipeline:
             mode = "pipeline-serial" if config.serial else "pipeline"
             limits = stage_limits(config, plan)
             self.engine = RemoteEngine(
-                cfg, endpoints, limits, mode, security, config.start_timeout_s
+                cfg,
+                endpoints,
+                limits,
+                mode,
+                security,
+                config.start_timeout_s,
+                ffn_bytes=model.layout.file_bytes,
             )
             parent = os.getpid() if self.processes else 0
             for name in STAGES:

@@ -50,9 +50,10 @@ class RemoteEngine:
         mode: str,
         security: Security,
         start_timeout_s: float,
+        ffn_bytes: int = 0,
     ) -> None:
         self.cfg, self.mode, self.limits = cfg, mode, limits
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(ffn_bytes)
         self.sockets = Sockets(security)
         self.out = self.sockets.socket(zmq.PUSH, endpoints["compute"], False)
         self.inbox = self.sockets.socket(zmq.PULL, endpoints["results"], True)
