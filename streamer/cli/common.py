@@ -17,7 +17,6 @@ from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
 from streamer.memory import parse_size
 from streamer.predictor import META_FILE
-from streamer.registry import open_source
 from streamer.sources import Source
 
 log = logging.getLogger("streamer")
@@ -117,13 +116,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
         )
     if args.dram_budget:  # its syntax: a percentage's bytes need the model, so any whole will do
         parse_size(args.dram_budget, "dram_budget", whole=1 << 60)
-    if args.threads < 1:
-        raise ConfigError(f"threads must be at least 1, got {args.threads}", "threads")
 
 
-def open_engine(args: argparse.Namespace, max_len: int) -> tuple[Engine, Source]:
-    """(engine, source) for generate, eval and serve; `--mode auto` picks all or dense."""
-    source = open_source(args.model)
+def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engine:
+    """The engine of `source` (opened from `args.model`) for generate, eval and serve;
+    `--mode auto` picks all or dense."""
     mode = args.mode
     converted = isinstance(source, ConvertedModel)
     if mode == "auto":
@@ -134,7 +131,7 @@ def open_engine(args: argparse.Namespace, max_len: int) -> tuple[Engine, Source]
             log.info("mode dense (the model is %s for the flash modes)", why)
     if mode == "dense" and not converted:
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
-        return dense_engine(source, dtype, max_len), source
+        return dense_engine(source, dtype, max_len)
     if not converted:
         raise ModelFormatError(
             f"mode {mode} streams from the flash layout: run `streamer "
@@ -152,4 +149,4 @@ def open_engine(args: argparse.Namespace, max_len: int) -> tuple[Engine, Source]
     )
     if engine.mode != "dense" or args.dram_budget:
         log.info("mode %s: %s", engine.mode, engine.plan.describe())
-    return engine, source
+    return engine

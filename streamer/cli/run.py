@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = (
         tokenizer.chat(args.prompt, args.system) if args.chat else tokenizer.encode(args.prompt)
     )
-    engine, source = open_engine(args, len(prompt_ids) + args.max_tokens)
+    engine = open_engine(args, source, len(prompt_ids) + args.max_tokens)
     load_ms = (time.perf_counter() - t0) * 1e3
     stops = () if args.ignore_eos else tokenizer.stop_ids(source.config)
     params = dataclasses.replace(params, stop_ids=stops)
@@ -225,9 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.context < 2:
         raise ConfigError(f"context must be at least 2, got {args.context}", "context")
     set_threads(args.threads)
-    tokenizer = load_tokenizer(open_source(args.model), args.model)
+    source = open_source(args.model)
+    tokenizer = load_tokenizer(source, args.model)
     tokens = tokenizer.encode(args.text.read_text())[: args.max_tokens]
-    engine, _ = open_engine(args, args.context)
+    engine = open_engine(args, source, args.context)
     if engine.flash_ffn is not None and hasattr(engine.flash_ffn, "dense_prefill"):
         engine.flash_ffn.dense_prefill = False  # score every token through the window
     t0 = time.perf_counter()

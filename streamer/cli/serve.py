@@ -93,8 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if context < 2:
         raise ConfigError(f"context must be at least 2, got {context}", "context")
     set_threads(args.threads)
-    tokenizer = load_tokenizer(open_source(args.model), args.model)
-    engine, source = open_engine(args, context)
+    source = open_source(args.model)
+    tokenizer = load_tokenizer(source, args.model)
+    engine = open_engine(args, source, context)
     settings = ServerSettings(
         args.endpoint or default_endpoint(),
         security(args),
