@@ -226,6 +226,8 @@ def _check_rows(msg: Any, limits: Limits) -> None:
     _need(0 <= msg.cached <= limits.n_neurons, f"{msg.KIND}.cached out of range")
     _need(msg.moves.shape[1:] == (2,), f"{msg.KIND}.moves must have shape [k, 2]")
     _check_values(msg.KIND, "moves", msg.moves.reshape(-1), limits.n_neurons, 2 * limits.n_neurons)
+    _need(len(msg.take) <= msg.cached, f"{msg.KIND}.take has more rows than the window holds")
+    _check_values(msg.KIND, "take", msg.take, msg.cached, limits.n_neurons)
 
 
 def _check_data(kind: str, data: np.ndarray, rows: int, limits: Limits) -> None:
@@ -237,6 +239,10 @@ def _check_data(kind: str, data: np.ndarray, rows: int, limits: Limits) -> None:
 
 def _no_moves() -> np.ndarray:
     return np.zeros((0, 2), dtype=np.int64)
+
+
+def _no_take() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
 
 
 def _no_data() -> np.ndarray:
@@ -368,6 +374,7 @@ class Fetch(Message):
         "neurons": (("int32", "int64"), 1),
         "rows": (("int32", "int64"), 1),
         "moves": (("int32", "int64"), 2),
+        "take": (("int32", "int64"), 1),
     }
     request_id: str
     step: int
@@ -380,6 +387,9 @@ class Fetch(Message):
     # [k, 2]: (to, from) rows of the layer's window moved this step, for a compute that does
     # not share the predictor's memory (the books' swap-deletes, composed)
     moves: np.ndarray = field(default_factory=_no_moves)
+    # the window rows (after this step) of the token's neurons the window holds, in neuron
+    # order: what compute multiplies, beside the overflow
+    take: np.ndarray = field(default_factory=_no_take)
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
@@ -394,6 +404,7 @@ class RowsReady(Message):
         "neurons": (("int32", "int64"), 1),
         "rows": (("int32", "int64"), 1),
         "moves": (("int32", "int64"), 2),
+        "take": (("int32", "int64"), 1),
         "data": (("uint8",), 2),
     }
     request_id: str
@@ -408,6 +419,7 @@ class RowsReady(Message):
     stats: dict[str, Any] = field(default_factory=dict)  # the predictor's and prefetch's
     moves: np.ndarray = field(default_factory=_no_moves)  # the fetch's, passed on
     data: np.ndarray = field(default_factory=_no_data)  # [len(neurons), row bytes], or none
+    take: np.ndarray = field(default_factory=_no_take)  # the fetch's, passed on
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forward
+from streamer.predictor import META_FILE as PREDICTOR_META
+from streamer.predictor import WEIGHTS_FILE as PREDICTOR_WEIGHTS
 from streamer.predictor import (
     LowRankPredictor,
     Predictors,
@@ -36,6 +38,11 @@ from streamer.predictor import (
     recall_precision,
     train_predictor,
 )
+from streamer.ranker import GROUP, GateRanker
+from streamer.ranker import META_FILE as RANKER_META
+from streamer.ranker import WEIGHTS_FILE as RANKER_WEIGHTS
+from streamer.ranker import fingerprint as ranker_fingerprint
+from streamer.ranker import supports as supports_ranker
 from streamer.registry import load_tokenizer
 from streamer.sources import LayerWeights
 
@@ -71,8 +78,8 @@ class CalibrationSettings:
             raise ConfigError(
                 f"batch must be >= 1 and lr in (0, 1), got {self.batch}, {self.lr}", "batch"
             )
-        if self.fit not in ("auto", "lowrank", "sgd"):
-            raise ConfigError(f"fit must be auto, lowrank or sgd, got {self.fit}", "fit")
+        if self.fit not in ("auto", "lowrank", "sgd", "ranker"):
+            raise ConfigError(f"fit must be auto, lowrank, sgd or ranker, got {self.fit}", "fit")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(
                 f"dtype must be float32, bfloat16 or float16, got {self.dtype}", "dtype"
@@ -221,16 +228,10 @@ def calibrate(
     t_start = time.perf_counter()
     source = ConvertedModel(directory)
     cfg = source.config
+    if ranker_fits(settings, cfg):
+        return calibrate_ranker(source, settings, progress)
     ranks = parse_ranks(settings.ranks, cfg.n_layers)
-    texts = [p.read_text() for p in settings.texts] or [shipped_text("calibration.txt")]
-    heldout = settings.heldout.read_text() if settings.heldout else shipped_text("heldout.txt")
-    train_tokens = _tokens(source, texts, settings.max_tokens)
-    held_tokens = _tokens(source, [heldout], settings.max_tokens)
-    if len(train_tokens) < 64 or len(held_tokens) < 16:
-        raise ConfigError(
-            f"calibration text too short ({len(train_tokens)} tokens; held-out "
-            f"{len(held_tokens)}): give at least 64 and 16"
-        )
+    train_tokens, held_tokens = _texts(source, settings)
     dtype = parse_dtype(settings.dtype)
     model = Transformer(cfg, LayerWeights(source, dtype), None, dtype)  # type: ignore[arg-type]
     train = LayerRun(model, _chunks(train_tokens, min(settings.chunk, cfg.max_positions)))
@@ -346,4 +347,128 @@ def calibrate(
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     preds.save(directory)
+    _remove(directory, (RANKER_WEIGHTS, RANKER_META))
     return preds.meta
+
+
+def _texts(source: ConvertedModel, settings: CalibrationSettings) -> tuple[list[int], list[int]]:
+    """The calibration and held-out tokens."""
+    texts = [p.read_text() for p in settings.texts] or [shipped_text("calibration.txt")]
+    heldout = settings.heldout.read_text() if settings.heldout else shipped_text("heldout.txt")
+    train_tokens = _tokens(source, texts, settings.max_tokens)
+    held_tokens = _tokens(source, [heldout], settings.max_tokens)
+    if len(train_tokens) < 64 or len(held_tokens) < 16:
+        raise ConfigError(
+            f"calibration text too short ({len(train_tokens)} tokens; held-out "
+            f"{len(held_tokens)}): give at least 64 and 16"
+        )
+    return train_tokens, held_tokens
+
+
+def _remove(directory: Path, names: tuple[str, ...]) -> None:
+    """A model keeps one selection: the other kind's files go when one is written."""
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+
+
+def ranker_fits(settings: CalibrationSettings, cfg) -> bool:
+    """Whether `settings.fit` asks for the gated ranker (auto: every gated non-ReLU model
+    whose width the 4-bit groups divide)."""
+    if settings.fit == "ranker":
+        if not cfg.gated or cfg.activation == "relu":
+            raise ConfigError("fit ranker is for gated (SwiGLU, GeGLU) models", "fit")
+        if not supports_ranker(cfg.d_model):
+            raise ConfigError(
+                f"fit ranker needs d_model divisible by {GROUP}, got {cfg.d_model}", "fit"
+            )
+        return True
+    return (
+        settings.fit == "auto"
+        and cfg.gated
+        and cfg.activation != "relu"
+        and supports_ranker(cfg.d_model)
+    )
+
+
+def _quantile(t: torch.Tensor, q: float) -> float:
+    """The q-quantile of t's values (at most 4M of them, evenly strided, are looked at)."""
+    flat = t.flatten()
+    step = flat.numel() // (1 << 22) + 1
+    return float(np.quantile(flat[::step].numpy(), q))
+
+
+def calibrate_ranker(
+    source: ConvertedModel, settings: CalibrationSettings, progress: bool = True
+) -> dict[str, Any]:
+    """The gated ranker (`streamer.ranker`): per layer, quantize gate and up to 4 bits, record
+    the calibration text's FFN inputs, set the threshold on the ranker's score that leaves
+    `settings.sparsity` of the (token, neuron) pairs out (and the look-ahead's: layer l+1's
+    ranker on layer l's input), and take the held-out text through the layer twice, dense and
+    with the selection, for the report. No training: seconds, not minutes."""
+    t_start = time.perf_counter()
+    cfg, directory = source.config, source.directory
+    train_tokens, held_tokens = _texts(source, settings)
+    dtype = parse_dtype(settings.dtype)
+    model = Transformer(cfg, LayerWeights(source, dtype), None, dtype)  # type: ignore[arg-type]
+    train = LayerRun(model, _chunks(train_tokens, min(settings.chunk, cfg.max_positions)))
+    held_seqs = _chunks(held_tokens, min(512, cfg.max_positions))
+    runs = {name: LayerRun(model, held_seqs) for name in ("dense", "sparse")}
+    ranker = GateRanker([], [], [], cfg.activation)
+    per_layer: list[dict[str, Any]] = []
+    keep = 1 - settings.sparsity
+    bar = tqdm(total=cfg.n_layers, desc="calibrate", unit="layer", disable=not progress)
+    prev_x = None
+    for i in range(cfg.n_layers):
+        w = source.ffn(i)
+        ffns: list[FFNWeights | None] = [None] * cfg.n_layers
+        ffns[i] = w.to(dtype)
+        dense = DenseFFN(ffns, cfg.activation)  # type: ignore[arg-type]
+        layer = GateRanker.build([w], cfg.activation)
+        ranker.layers += layer.layers
+        ranker.quantized += layer.quantized
+        x, h = _recorded(train, i, dense)
+        with torch.no_grad():
+            score = ranker.scores(i, x)
+            thr = 0.0 if settings.sparsity == 0 else _quantile(score, settings.sparsity)
+            ranker.thresholds.append(thr)
+            ranker.lookahead_thresholds.append(None)
+            if prev_x is not None:
+                ahead = ranker.scores(i, prev_x)
+                look = 0.0 if settings.sparsity == 0 else _quantile(ahead, settings.sparsity)
+                ranker.lookahead_thresholds[i - 1] = look
+            chosen = score >= thr
+            mass = h.float()
+            per_layer.append(
+                {
+                    "layer": i,
+                    "selected": round(chosen.float().mean().item(), 4),
+                    "mass_recall": round((mass * chosen).sum().item() / mass.sum().item(), 4),
+                    "threshold": thr,
+                }
+            )
+        prev_x = x
+        del h, score, mass, chosen
+
+        def selected(layer: int, x: torch.Tensor, h: torch.Tensor, i=i, t=thr) -> torch.Tensor:
+            return (ranker.scores(i, x) >= t).to(h.dtype)
+
+        runs["dense"].layer(i, MaskedFFN(dense))
+        runs["sparse"].layer(i, MaskedFFN(dense, mask=selected))
+        bar.update(1)
+    bar.close()
+    ppl = {}
+    for name, run in runs.items():
+        ppl[name], n_tokens = run.perplexity()
+    ranker.meta = {
+        "sparsity": settings.sparsity,
+        "keep": round(keep, 4),
+        "fit": "ranker",
+        "calibration_tokens": len(train_tokens),
+        "heldout_tokens": n_tokens,
+        "perplexity": {k: round(v, 4) for k, v in ppl.items()},
+        "layers": per_layer,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    ranker.save(directory, ranker_fingerprint(source.manifest))
+    _remove(directory, (PREDICTOR_WEIGHTS, PREDICTOR_META))
+    return ranker.meta

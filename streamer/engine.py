@@ -32,6 +32,7 @@ from streamer.errors import ConfigError, ModelFormatError
 from streamer.ffn import (
     bundle_reads,
     ffn_biases,
+    gather_rows,
     layer_weights,
     load_resident,
     prefill_ffn,
@@ -50,7 +51,7 @@ from streamer.memory import (
     rss_bytes,
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
-from streamer.predictor import Predictors
+from streamer.predictor import Selection, load_selection
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
@@ -105,7 +106,7 @@ class FlashFFN:
         telemetry: Telemetry,
         window: int = 4,
         capacity: int | None = None,
-        predictors: Predictors | None = None,
+        predictors: Selection | None = None,
         resident: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         cfg, lay = model.config, model.layout
@@ -120,7 +121,10 @@ class FlashFFN:
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
             return
         capacity = n if capacity is None else capacity
-        self.caches = [WindowCache(n, capacity, lay.stride, window) for _ in range(cfg.n_layers)]
+        keep = mode in ("window", "all")
+        self.caches = [
+            WindowCache(n, capacity, lay.stride, window, keep=keep) for _ in range(cfg.n_layers)
+        ]
         # One whole layer's rows, shared by the layers (they run one after another): a prompt's
         # layer read whole, and a token's neurons beyond its layer's capacity (the first rows).
         self.scratch = aligned_buffer(n * lay.stride).view(n, lay.stride)
@@ -247,14 +251,21 @@ class FlashFFN:
             len(plan.load) + len(plan.overflow),
         )
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
+        # Compute on this token's rows only: its neurons in the window, gathered after the
+        # overflow rows in scratch, then the overflow.
+        t0 = time.perf_counter()
+        where = cache.row_of[active]
+        gathered, ids = gather_rows(
+            cache.rows, cache.ids, where[where >= 0], self.scratch[len(plan.overflow) :]
+        )
+        stats.mem_ms += (time.perf_counter() - t0) * 1e3
         self.telemetry.layers.append(stats)
-        # Compute on the used rows directly: every cached neuron, plus this token's overflow.
         return sparse_ffn(
             x,
             self.layout,
             self.biases[layer],
             self.act,
-            (cache.rows, cache.cached),
+            (gathered, ids),
             (self.scratch, plan.overflow),
         ).to(self.dtype)
 
@@ -356,9 +367,9 @@ def load_engine(
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
         # The look-ahead predictors are the pipeline's; this engine does not load them.
-        predictors = Predictors.load(
-            model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=False
-        ).to(compute)
+        predictors = load_selection(model.directory, cfg, model.manifest, lookahead=False).to(
+            compute
+        )
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
     try:
         telemetry = Telemetry(lay.file_bytes)

@@ -125,6 +125,16 @@ def prefill_ffn(
     return out, [torch.nonzero(row).flatten().numpy() for row in kept[0]]
 
 
+def gather_rows(
+    rows: torch.Tensor, ids: np.ndarray, take: np.ndarray, dest: torch.Tensor
+) -> tuple[torch.Tensor, np.ndarray]:
+    """rows[take] copied, in order, into dest[:len(take)] (a token's neurons out of its window
+    cache, so that its FFN computes on its own rows only); returns dest and the neurons' ids."""
+    idx = torch.from_numpy(np.ascontiguousarray(take, dtype=np.int64))
+    torch.index_select(rows, 0, idx, out=dest[: len(take)])
+    return dest, ids[take]
+
+
 def sparse_ffn(
     x: torch.Tensor,
     layout: BundleLayout,

@@ -25,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from streamer.errors import ConfigError, ModelFormatError
+from streamer.ranker import META_FILE as RANKER_META
+from streamer.ranker import WEIGHTS_FILE as RANKER_WEIGHTS
+from streamer.ranker import GateRanker, fingerprint
 
 WEIGHTS_FILE = "predictors.safetensors"
 META_FILE = "predictors.json"
@@ -289,3 +292,39 @@ class Predictors:
             )
         except (KeyError, RuntimeError, OSError, ValueError) as e:
             raise ModelFormatError(f"{directory}: predictors cannot be read ({e})") from None
+
+
+Selection = Predictors | GateRanker  # predict(layer, x), predict_next, activity, nbytes
+
+
+def selection_file(directory: Path) -> Path | None:
+    """The weights file of the selection calibrated for the model in `directory` (the gated
+    ranker's, else the low-rank predictors'), None when it has none."""
+    for meta, weights in ((RANKER_META, RANKER_WEIGHTS), (META_FILE, WEIGHTS_FILE)):
+        if (directory / meta).is_file():
+            return directory / weights
+    return None
+
+
+def load_selection(
+    directory: Path, cfg, manifest: dict[str, Any], lookahead: bool = True
+) -> Selection:
+    """What `streamer calibrate` wrote for the model in `directory`: the gated ranker (checked
+    against the model's fingerprint) or the low-rank predictors."""
+    if (directory / RANKER_META).is_file():
+        return GateRanker.load(
+            directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, fingerprint(manifest)
+        )
+    return Predictors.load(directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead)
+
+
+def selection_activity(directory: Path) -> list[float]:
+    """Each layer's threshold on |activation| that says "active" (what a prompt's window is
+    filled with), without loading the selection's weights."""
+    for meta_file, key in ((RANKER_META, "thresholds"), (META_FILE, "activity")):
+        if (directory / meta_file).is_file():
+            try:
+                return [float(a) for a in json.loads((directory / meta_file).read_text())[key]]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ModelFormatError(f"{directory / meta_file}: unreadable ({e})") from None
+    raise ModelFormatError(f"{directory} has no predictors: run `streamer calibrate` on it first")

@@ -6,7 +6,9 @@ the window are deleted by moving the last rows into the holes (swap-delete, O(cÂ
 neurons are appended at the end, and compute runs on rows `[:count]` directly. No allocation per
 token. When the window would exceed the capacity the DRAM budget gives it, the least recently
 active neurons go first; a token whose own active set exceeds the capacity gets the rest in a
-scratch area (`Plan.overflow`) that is not kept.
+scratch area (`Plan.overflow`) that is not kept. With `keep`, a neuron that left the window stays
+until its row is needed (least recently active first): what DRAM holds is never read again, so a
+bigger budget never reads more (the engine's `window` and `all` modes).
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ class WindowCache:
         rows: torch.Tensor | None = None,
         ids: np.ndarray | None = None,
         books_only: bool = False,
+        keep: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 token, got {window}")
         self.n_neurons = n_neurons
         self.capacity = min(capacity, n_neurons)
         self.window = window
+        self.keep = keep
         if rows is None and not books_only:
             rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
         self.rows = rows
@@ -109,7 +113,10 @@ class WindowCache:
         if self._old_row is not None:
             before = cached.copy()
             self._old_row[before] = np.arange(len(before))
-        expired = cached[self.last_active[cached] <= self.t - self.window]
+        if self.keep:
+            expired = cached[:0]  # they go below, oldest first, only when room is needed
+        else:
+            expired = cached[self.last_active[cached] <= self.t - self.window]
         self._delete(expired, move_rows)
         missing = active[self.row_of[active] < 0]
         hits = len(active) - len(missing)

@@ -18,7 +18,6 @@ waiting and fails, and so does every later step of that sequence.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -42,10 +41,18 @@ from protocol.messages import (
     RowsReady,
 )
 from streamer.errors import StreamerError
-from streamer.ffn import ffn_biases, layer_weights, load_resident, prefill_ffn, sparse_ffn
+from streamer.ffn import (
+    ffn_biases,
+    gather_rows,
+    layer_weights,
+    load_resident,
+    prefill_ffn,
+    sparse_ffn,
+)
+from streamer.flash import aligned_buffer
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import ACTIVATION_FNS, Transformer
-from streamer.predictor import META_FILE
+from streamer.predictor import selection_activity
 from streamer.telemetry import PASSED_ON, PIPELINE_STEP_KEYS
 from streamer.window import WindowCache, copy_rows
 from workers.stage import (
@@ -76,8 +83,11 @@ class PipelineFFN:
         self.spec, self.cfg, self.layout, self.dtype = spec, cfg, lay, dtype
         self.act = ACTIVATION_FNS[cfg.activation]
         self.shm = spec.rows()
-        meta = json.loads((model.directory / META_FILE).read_text())
-        self.activity: list[float] = meta["activity"]
+        self.activity = selection_activity(model.directory)
+        # a token's window rows, gathered to be multiplied (the token's own rows only)
+        self.gathered = aligned_buffer(spec.shared.capacity * lay.stride).view(
+            spec.shared.capacity, lay.stride
+        )
         # The FFN math runs in the stored dtype, as in the single-process engine.
         self.biases = ffn_biases(resident, cfg.n_layers, lay.dtype)
         # The model thread's own synchronous sockets.
@@ -153,14 +163,17 @@ class PipelineFFN:
         s["cached"] += msg.cached
         if self.spec.frames:
             self._apply(msg)
-        ids = self.shm.ids[layer, : msg.cached].copy()
+        t0 = time.perf_counter()
+        take = np.asarray(msg.take)
+        gathered, ids = gather_rows(self.shm.cache(layer), self.shm.ids[layer], take, self.gathered)
+        s["mem_ms"] += (time.perf_counter() - t0) * 1e3
         overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.shared.scratch_base]
         out = sparse_ffn(
             x,
             self.layout,
             self.biases[layer],
             self.act,
-            (self.shm.cache(layer), ids),
+            (gathered, ids),
             (self.shm.scratch, overflow),
         )
         return out.to(self.dtype)
@@ -213,6 +226,7 @@ class PipelineFFN:
             self.shm.cache(layer),
             # with frames, compute keeps the ids itself; else the predictor's books write them
             self.shm.ids[layer] if self.spec.frames else np.empty(sl.capacity, dtype=np.int64),
+            keep=True,
         )
         books.fill(sets, staged)  # the same steps as the predictor's books: the same rows
         self.stats["mem_ms"] += (time.perf_counter() - t0) * 1e3

@@ -28,7 +28,7 @@ from streamer.memory import (
     plan_memory,
     rss_bytes,
 )
-from streamer.predictor import META_FILE, WEIGHTS_FILE
+from streamer.predictor import selection_file
 from streamer.registry import open_source
 from workers.shm import SharedLayout
 from workers.stage import StageSpec
@@ -196,7 +196,8 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
             f"the pipeline streams from the flash layout: run `streamer convert {config.model} "
             "OUT` and `streamer calibrate OUT`, then serve OUT"
         )
-    if not (source.directory / META_FILE).is_file():
+    selection = selection_file(source.directory)
+    if selection is None:
         raise ModelFormatError(
             f"{source.directory} has no predictors: run `streamer calibrate {config.model}`"
         )
@@ -208,15 +209,16 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
         budget=parse_budget(config.dram_budget or None, source.model_bytes),
         model_bytes=source.model_bytes,
         resident=resident_stored * dtype.itemsize // lay.dtype.itemsize,
-        predictors=(source.directory / WEIGHTS_FILE).stat().st_size,
+        predictors=selection.stat().st_size,
         kv_cache=kv_bytes(cfg, min(config.context, cfg.max_positions), dtype),
         cache_rows=0,
         row_bytes=lay.stride,
         n_layers=cfg.n_layers,
         overhead=rss_bytes() + WORKING_MEMORY,
-        # the overflow (n - c rows) and two staging layers; each cache row's neuron id
+        # the overflow (n - c rows), two staging layers and compute's gathered rows (c): 3n;
+        # each cache row's neuron id
         scratch_rows=3 * n,
-        scratch_per_cache_row=-1,
+        scratch_per_cache_row=0,
         book_bytes=8,
     )
     plan_memory(memory, n, "the pipeline")

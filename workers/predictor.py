@@ -23,7 +23,7 @@ import zmq
 
 from protocol.messages import Fetch, FFNInput, Fill, Reset
 from streamer.layout import ConvertedModel, parse_dtype
-from streamer.predictor import Predictors
+from streamer.predictor import load_selection
 from streamer.window import WindowCache
 from workers.stage import StageContext, StageSpec, heartbeats, receive, run_stage, send
 
@@ -34,19 +34,21 @@ class PredictorStage:
         cfg, lay = model.config, model.layout
         self.spec, self.shared, self.n_layers = spec, spec.shared, cfg.n_layers
         self.dtype = parse_dtype(spec.dtype) if spec.dtype else lay.dtype
-        self.predictors = Predictors.load(
-            model.directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, lookahead=not spec.serial
+        self.predictors = load_selection(
+            model.directory, cfg, model.manifest, lookahead=not spec.serial
         ).to(self.dtype)
         c, n = spec.shared.capacity, cfg.d_ffn
         if spec.frames:  # the books alone; compute applies each token's row moves itself
             self.caches = [
-                WindowCache(n, c, lay.stride, spec.window, books_only=True)
+                WindowCache(n, c, lay.stride, spec.window, books_only=True, keep=True)
                 for _ in range(cfg.n_layers)
             ]
         else:
             self.shm = spec.rows()
             self.caches = [
-                WindowCache(n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i])
+                WindowCache(
+                    n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i], keep=True
+                )
                 for i in range(cfg.n_layers)
             ]
         self.current = ""
@@ -93,7 +95,11 @@ class PredictorStage:
             "mem_ms": (t2 - t1) * 1e3,
         }
         step, count = msg.step, cache.count
-        yield Fetch(msg.request_id, step, layer, neurons, rows, False, count, stats, plan.moves)
+        where = cache.row_of[active]
+        take = where[where >= 0]  # the token's neurons in the window, in neuron order
+        yield Fetch(
+            msg.request_id, step, layer, neurons, rows, False, count, stats, plan.moves, take
+        )
         nxt = layer + 1
         if self.spec.serial or nxt >= self.n_layers:
             return

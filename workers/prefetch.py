@@ -162,6 +162,7 @@ class PrefetchStage:
             pstats,
             msg.moves,
             out.numpy() if self.frames else np.zeros((0, 0), np.uint8),
+            msg.take,
         )
 
     def _buffer(self, n_rows: int):

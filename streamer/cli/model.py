@@ -81,11 +81,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--fit",
-        choices=("auto", "lowrank", "sgd"),
+        choices=("auto", "ranker", "lowrank", "sgd"),
         default="auto",
-        help="how predictors are fit: lowrank (closed-form reduced-rank regression on the "
-        "neurons' pre-activations), sgd (binary cross-entropy by gradient descent), auto: "
-        "lowrank for ReLU models, sgd for SwiGLU (default: %(default)s)",
+        help="how neurons are selected: ranker (gated models: a 4-bit copy of gate and up in "
+        "DRAM scores every neuron; only thresholds are fit, in seconds), lowrank (closed-form "
+        "reduced-rank regression on the neurons' pre-activations), sgd (a low-rank predictor "
+        "by gradient descent on binary cross-entropy), auto: lowrank for ReLU models, ranker "
+        "for gated ones (default: %(default)s)",
     )
     p.add_argument(
         "--epochs", type=int, default=30, help="sgd training epochs (default: %(default)s)"
@@ -193,30 +195,40 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    columns = [
-        ("layer", "layer", "d"),
-        ("rank", "rank", "d"),
-        ("active", "active", ".3f"),
-        ("predicted", "predicted", ".3f"),
-        ("recall", "recall", ".3f"),
-        ("precision", "precision", ".3f"),
-        ("mass rec", "mass_recall", ".3f"),
-        ("ahead pred", "lookahead_predicted", ".3f"),
-        ("ahead rec", "lookahead_recall", ".3f"),
-        ("ahead mass", "lookahead_mass_recall", ".3f"),
-    ]
+    if report["fit"] == "ranker":
+        columns = [
+            ("layer", "layer", "d"),
+            ("selected", "selected", ".3f"),
+            ("mass rec", "mass_recall", ".3f"),
+            ("threshold", "threshold", ".4f"),
+        ]
+    else:
+        columns = [
+            ("layer", "layer", "d"),
+            ("rank", "rank", "d"),
+            ("active", "active", ".3f"),
+            ("predicted", "predicted", ".3f"),
+            ("recall", "recall", ".3f"),
+            ("precision", "precision", ".3f"),
+            ("mass rec", "mass_recall", ".3f"),
+            ("ahead pred", "lookahead_predicted", ".3f"),
+            ("ahead rec", "lookahead_recall", ".3f"),
+            ("ahead mass", "lookahead_mass_recall", ".3f"),
+        ]
     print(" ".join(f"{title:>10}" for title, _, _ in columns))
     for r in report["layers"]:
         print(
             " ".join(f"{r[key]:>10{fmt}}" if key in r else f"{'-':>10}" for _, key, fmt in columns)
         )
     ppl = report["perplexity"]
+    sparse = "sparse" if "sparse" in ppl else "predictor"
+    others = f"oracle {ppl['oracle']:.3f}, " if "oracle" in ppl else ""
     print(
         f"perplexity on {report['heldout_tokens']} held-out tokens: dense {ppl['dense']:.3f}, "
-        f"oracle {ppl['oracle']:.3f}, predictor {ppl['predictor']:.3f} "
-        f"({(ppl['predictor'] / ppl['dense'] - 1) * 100:+.1f}%)"
+        f"{others}{sparse} {ppl[sparse]:.3f} ({(ppl[sparse] / ppl['dense'] - 1) * 100:+.1f}%)"
     )
-    print(f"saved predictors to {directory} ({report['seconds']} s)")
+    what = "the ranker" if report["fit"] == "ranker" else "predictors"
+    print(f"saved {what} to {directory} ({report['seconds']} s)")
     return 0
 
 

@@ -1,0 +1,250 @@
+"""The gated FFN's selection: a 4-bit copy of every layer's gate and up projections, kept in
+DRAM, ranks the neurons before any of their bundles is read.
+
+A SwiGLU (or GeGLU) neuron's output is act(gate·x) * (up·x); no small predictor guesses it well
+(the low-rank ones kept 90-97% of the neurons, README "Gated models"). This computes it: both
+projections quantized to 4 bits in groups of 32 input channels, each group with a scale and an
+offset (GGUF's Q4_1 blocks: for a model converted from Q4_1, as the default model is, the copy
+holds the very weights, up to bfloat16 rounding of the scales), multiplied with torch's int4
+weight-only kernel. A neuron is selected when its estimated |output| exceeds the layer's
+threshold, which calibration sets from calibration text for a target sparsity. Then the exact
+bundles of the selected neurons are read and computed: the copy chooses, it never computes the
+output. Look-ahead (the pipeline's prefetch of layer l+1 while layer l computes): layer l+1's
+copy applied to layer l's FFN input, with its own calibrated threshold.
+
+Saved beside the converted model as `ranker.safetensors` (the portable form: nibbles, scales,
+offsets) and `ranker.json` (thresholds, the model it belongs to, the calibration report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from streamer.errors import ModelFormatError
+from streamer.model import ACTIVATION_FNS, FFNWeights
+
+GROUP = 32  # input channels per scale and offset (GGUF's block)
+WEIGHTS_FILE = "ranker.safetensors"
+META_FILE = "ranker.json"
+
+
+def supports(d_model: int) -> bool:
+    return d_model % GROUP == 0
+
+
+def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """w [N, d] -> 4-bit codes two to a byte [N, d/2] (uint8), and per group of GROUP input
+    channels a scale and an offset [N, d/GROUP] (bfloat16): w ≈ code * scale + low."""
+    n, d = w.shape
+    g = w.float().reshape(n, d // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    codes = ((g - low[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    codes = codes.reshape(n, d)
+    return {
+        "codes": codes[:, 0::2] | (codes[:, 1::2] << 4),
+        "scale": scale.to(torch.bfloat16),
+        "low": low.to(torch.bfloat16),
+    }
+
+
+def dequantize(q: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 matrix the codes stand for (the tests' plain-torch reference)."""
+    codes = _codes(q["codes"]).float()
+    n, d = codes.shape
+    g = codes.reshape(n, d // GROUP, GROUP)
+    return (g * q["scale"].float()[..., None] + q["low"].float()[..., None]).reshape(n, d)
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    out = torch.empty(n, 2 * half, dtype=torch.int32)
+    out[:, 0::2] = (packed & 15).to(torch.int32)
+    out[:, 1::2] = (packed >> 4).to(torch.int32)
+    return out
+
+
+class LayerRanker:
+    """One layer's 4-bit gate and up, packed for torch's CPU int4 kernel."""
+
+    def __init__(self, q: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None]) -> None:
+        self.n = q["codes"].shape[0] // 2  # rows: the gate's n, then the up's n
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(q["codes"]), 1)
+        # the kernel's form: w = (code - 8) * scale + zero, [d/GROUP, N, 2]
+        scale, low = q["scale"].float(), q["low"].float()
+        self.scales_zeros = (
+            torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
+        )
+        gate_b, up_b = biases.get("gate_bias"), biases.get("up_bias")
+        self.bias = None
+        if gate_b is not None or up_b is not None:
+            zeros = torch.zeros(self.n)
+            self.bias = torch.cat([zeros if b is None else b.float() for b in (gate_b, up_b)])
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.numel() * 4
+        return self.packed.numel() + self.scales_zeros.numel() * 2 + extra
+
+    def scores(self, x: torch.Tensor, act) -> torch.Tensor:
+        """x [T, d] -> estimated |act(gate·x) * (up·x)| [T, n] (float32)."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
+        ).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return (act(y[:, : self.n]) * y[:, self.n :]).abs_()
+
+
+@dataclass
+class GateRanker:
+    """Per layer: the ranker, the threshold on its score, the look-ahead threshold (layer l+1's
+    ranker on layer l's input; None for the last layer). `activity` is what "active" means for
+    the window a prompt fills (|output| above the same thresholds)."""
+
+    layers: list[LayerRanker]
+    thresholds: list[float]
+    lookahead_thresholds: list[float | None]
+    activation: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    quantized: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.act = ACTIVATION_FNS[self.activation]
+
+    @classmethod
+    def build(cls, weights: list[FFNWeights], activation: str) -> GateRanker:
+        """Quantize each layer's gate and up; thresholds all 0 until calibration sets them."""
+        quantized, layers = [], []
+        for w in weights:
+            if w.gate is None:
+                raise ModelFormatError("the gated ranker needs a gated FFN (gate and up)")
+            q = quantize(torch.cat([w.gate, w.up]))
+            quantized.append(q)
+            layers.append(LayerRanker(q, {"gate_bias": w.gate_bias, "up_bias": w.up_bias}))
+        n = len(layers)
+        return cls(layers, [0.0] * n, [None] * n, activation, quantized=quantized)
+
+    @property
+    def activity(self) -> list[float]:
+        return self.thresholds
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.layers)
+
+    def to(self, dtype: torch.dtype) -> GateRanker:
+        return self  # the copy is 4-bit whatever the compute dtype; scores are float32
+
+    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer].scores(x, self.act)
+
+    @torch.inference_mode()
+    def predict(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """x: [1, d] (the FFN input) -> sorted ids of the neurons selected."""
+        s = self.scores(layer, x)[0]
+        return torch.nonzero(s >= self.thresholds[layer]).flatten().numpy()
+
+    @torch.inference_mode()
+    def predict_next(
+        self, layer: int, x: torch.Tensor, min_probability: float = 0.0
+    ) -> np.ndarray | None:
+        """Layer `layer`'s FFN input -> the neurons of layer + 1 likely selected (None for the
+        last layer). `min_probability` is the low-rank predictors' knob; a ranker's look-ahead
+        threshold is calibrated instead, so it is not used."""
+        thr = self.lookahead_thresholds[layer] if layer + 1 < len(self.layers) else None
+        if thr is None:
+            return None
+        s = self.scores(layer + 1, x)[0]
+        return torch.nonzero(s >= thr).flatten().numpy()
+
+    def save(self, directory: Path, fingerprint: str) -> None:
+        tensors = {
+            f"layers.{i}.{k}": t.contiguous()
+            for i, q in enumerate(self.quantized)
+            for k, t in q.items()
+        }
+        for i, r in enumerate(self.layers):
+            if r.bias is not None:
+                tensors[f"layers.{i}.bias"] = r.bias
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        meta = {
+            **self.meta,
+            "kind": "gated-ranker",
+            "model": fingerprint,
+            "activation": self.activation,
+            "group": GROUP,
+            "thresholds": self.thresholds,
+            "lookahead_thresholds": self.lookahead_thresholds,
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path, d: int, n: int, n_layers: int, fingerprint: str) -> GateRanker:
+        """The ranker saved in `directory`, checked against the model it is loaded for."""
+        meta_path = directory / META_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ModelFormatError(f"{directory}: the ranker cannot be read ({e})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != "gated-ranker":
+            raise ModelFormatError(f"{meta_path} is not a gated ranker's file")
+        if meta.get("model") != fingerprint:
+            raise ModelFormatError(
+                f"{meta_path} was calibrated for another model ({meta.get('model')!r}; this is "
+                f"{fingerprint!r}): run `streamer calibrate` on this one"
+            )
+        thr, look = meta.get("thresholds"), meta.get("lookahead_thresholds")
+        if not isinstance(thr, list) or not isinstance(look, list):
+            raise ModelFormatError(f"{meta_path}: thresholds missing")
+        if len(thr) != n_layers or len(look) != n_layers:
+            raise ModelFormatError(
+                f"{meta_path}: {len(thr)} layers of thresholds, the model has {n_layers}"
+            )
+        if not all(isinstance(t, (int, float)) and t >= 0 for t in thr):
+            raise ModelFormatError(f"{meta_path}: thresholds must be numbers >= 0")
+        quantized, layers = [], []
+        shapes = {
+            "codes": (2 * n, d // 2),
+            "scale": (2 * n, d // GROUP),
+            "low": (2 * n, d // GROUP),
+        }
+        for i in range(n_layers):
+            q = {k: tensors.get(f"layers.{i}.{k}") for k in shapes}
+            for k, shape in shapes.items():
+                if q[k] is None or tuple(q[k].shape) != shape:
+                    got = None if q[k] is None else tuple(q[k].shape)
+                    raise ModelFormatError(
+                        f"{directory / WEIGHTS_FILE}: layer {i} {k} has shape {got}, "
+                        f"expected {shape}"
+                    )
+            bias = tensors.get(f"layers.{i}.bias")
+            r = LayerRanker(q, {})  # type: ignore[arg-type]
+            r.bias = bias
+            quantized.append(q)  # type: ignore[arg-type]
+            layers.append(r)
+        return cls(
+            layers,
+            [float(t) for t in thr],
+            [None if t is None else float(t) for t in look],
+            meta.get("activation", "silu"),
+            meta,
+            quantized,  # type: ignore[arg-type]
+        )
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """What ties a ranker to its model: the source's fingerprint and the FFN region's checksums."""
+    source = manifest.get("source", {}).get("fingerprint", "")
+    layers = [layer.get("sha256", "") for layer in manifest.get("layers", [])]
+    return f"{source}:{hashlib.sha256(''.join(layers).encode()).hexdigest()[:16]}"
