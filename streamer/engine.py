@@ -52,6 +52,7 @@ from streamer.memory import (
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
 from streamer.predictor import Selection, load_selection
+from streamer.quant import RESIDENT_KINDS, quantize_resident
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
@@ -318,11 +319,14 @@ def dense_engine(
     budget: int | None = None,
     model_bytes: int = 0,
     overhead: int | None = None,
+    quant_resident: str | None = None,
 ) -> Engine:
     """Every weight in DRAM (the reference), from any source."""
     overhead = rss_bytes() + WORKING_MEMORY if overhead is None else overhead
     cfg = source.config
     model = load_dense(source, dtype)
+    if quant_resident:
+        model.w = quantize_resident(dict(model.w))
     ffn_bytes = sum(nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
     plan = MemoryPlan(
         budget,
@@ -349,8 +353,17 @@ def load_engine(
     direct: bool = True,
     dtype: str | None = None,
     max_len: int = 2048,
+    quant_resident: str | None = None,
 ) -> Engine:
-    """A converted model ready to decode in `mode` within `dram_budget`."""
+    """A converted model ready to decode in `mode` within `dram_budget`; `quant_resident="q4"`
+    keeps the resident part's matrices in 4 bits (`streamer.quant`)."""
+    if quant_resident is not None and quant_resident not in RESIDENT_KINDS:
+        raise ConfigError(
+            f"quant_resident must be one of {', '.join(RESIDENT_KINDS)}, got {quant_resident!r}",
+            "quant_resident",
+        )
+    if quant_resident and mode == "naive":
+        raise ConfigError("mode naive reads the resident part from flash: no quant_resident")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
     if window < 1:
@@ -362,7 +375,7 @@ def load_engine(
     model_bytes = model.model_bytes
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":
-        return dense_engine(model, compute, max_len, budget, model_bytes, overhead)
+        return dense_engine(model, compute, max_len, budget, model_bytes, overhead, quant_resident)
 
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
@@ -382,6 +395,8 @@ def load_engine(
             resident_bytes = 0
         else:
             resident = load_resident(model, compute)
+            if quant_resident:
+                resident = quantize_resident(resident)
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = MemoryPlan(
             budget,

@@ -74,8 +74,9 @@ def parse_budget(spec: str | int | None, model_bytes: int) -> int | None:
     return parse_size(spec, "dram_budget", model_bytes)
 
 
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def nbytes(t) -> int:
+    """Bytes of a tensor, or of a quantized matrix (`streamer.quant`)."""
+    return int(t.nbytes)
 
 
 def kv_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:

@@ -27,6 +27,14 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ + b for a resident matrix: a tensor, or a quantized one (`streamer.quant`)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w.linear(x)
+    return y if b is None else y + b
+
+
 class FFN(Protocol):
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor: ...
 
@@ -170,9 +178,9 @@ class Transformer:
         # x: [T, d] -> [T, d]
         cfg, p, T = self.cfg, f"layers.{i}.attn.", x.shape[0]
         start = cache.length
-        q = F.linear(x, self.w[p + "wq.weight"], self._get(p + "wq.bias"))
-        k = F.linear(x, self.w[p + "wk.weight"], self._get(p + "wk.bias"))
-        v = F.linear(x, self.w[p + "wv.weight"], self._get(p + "wv.bias"))
+        q = linear(x, self.w[p + "wq.weight"], self._get(p + "wq.bias"))
+        k = linear(x, self.w[p + "wk.weight"], self._get(p + "wk.bias"))
+        v = linear(x, self.w[p + "wv.weight"], self._get(p + "wv.bias"))
         q = q.view(T, cfg.n_heads, cfg.head_dim).transpose(0, 1)  # [H, T, hd]
         k = k.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # [KV, T, hd]
         v = v.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)
@@ -187,7 +195,7 @@ class Transformer:
             q, keys, values, attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads
         )
         out = out.transpose(0, 1).reshape(T, cfg.n_heads * cfg.head_dim)
-        return F.linear(out, self.w[p + "wo.weight"], self._get(p + "wo.bias"))
+        return linear(out, self.w[p + "wo.weight"], self._get(p + "wo.bias"))
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return _norm(x, self.w[name + ".weight"], self._get(name + ".bias"), self.cfg)
@@ -223,9 +231,13 @@ class Transformer:
 
     def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # tokens, pos: [T] -> the residual stream [T, d]
-        x = F.embedding(tokens, self.w["embed.weight"])
+        table = self.w["embed.weight"]
+        if isinstance(table, torch.Tensor):
+            x = F.embedding(tokens, table)
+        else:
+            x = table.rows(tokens, self.dtype)
         if "proj_in.weight" in self.w:
-            x = F.linear(x, self.w["proj_in.weight"])
+            x = linear(x, self.w["proj_in.weight"])
         if self.cfg.positions == "learned":
             x = x + F.embedding(pos + self.cfg.position_offset, self.w["pos_embed.weight"])
         return x
@@ -235,5 +247,5 @@ class Transformer:
         if self.cfg.final_norm:
             x = self.norm(x, "final_norm")
         if "proj_out.weight" in self.w:
-            x = F.linear(x, self.w["proj_out.weight"])
-        return F.linear(x, self.w[self.lm_head]).float()
+            x = linear(x, self.w["proj_out.weight"])
+        return linear(x, self.w[self.lm_head]).float()

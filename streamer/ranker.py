@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from streamer.errors import ModelFormatError
 from streamer.model import ACTIVATION_FNS, FFNWeights
+from streamer.quant import GROUP, Q4Matrix, quantize
 
-GROUP = 32  # input channels per scale and offset (GGUF's block)
 WEIGHTS_FILE = "ranker.safetensors"
 META_FILE = "ranker.json"
 
@@ -41,49 +41,12 @@ def supports(d_model: int) -> bool:
     return d_model % GROUP == 0
 
 
-def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """w [N, d] -> 4-bit codes two to a byte [N, d/2] (uint8), and per group of GROUP input
-    channels a scale and an offset [N, d/GROUP] (bfloat16): w ≈ code * scale + low."""
-    n, d = w.shape
-    g = w.float().reshape(n, d // GROUP, GROUP)
-    low, high = g.amin(-1), g.amax(-1)
-    scale = ((high - low) / 15).clamp_min(1e-12)
-    codes = ((g - low[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    codes = codes.reshape(n, d)
-    return {
-        "codes": codes[:, 0::2] | (codes[:, 1::2] << 4),
-        "scale": scale.to(torch.bfloat16),
-        "low": low.to(torch.bfloat16),
-    }
-
-
-def dequantize(q: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float32 matrix the codes stand for (the tests' plain-torch reference)."""
-    codes = _codes(q["codes"]).float()
-    n, d = codes.shape
-    g = codes.reshape(n, d // GROUP, GROUP)
-    return (g * q["scale"].float()[..., None] + q["low"].float()[..., None]).reshape(n, d)
-
-
-def _codes(packed: torch.Tensor) -> torch.Tensor:
-    n, half = packed.shape
-    out = torch.empty(n, 2 * half, dtype=torch.int32)
-    out[:, 0::2] = (packed & 15).to(torch.int32)
-    out[:, 1::2] = (packed >> 4).to(torch.int32)
-    return out
-
-
 class LayerRanker:
     """One layer's 4-bit gate and up, packed for torch's CPU int4 kernel."""
 
     def __init__(self, q: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None]) -> None:
         self.n = q["codes"].shape[0] // 2  # rows: the gate's n, then the up's n
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(q["codes"]), 1)
-        # the kernel's form: w = (code - 8) * scale + zero, [d/GROUP, N, 2]
-        scale, low = q["scale"].float(), q["low"].float()
-        self.scales_zeros = (
-            torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
-        )
+        self.matrix = Q4Matrix(q)
         gate_b, up_b = biases.get("gate_bias"), biases.get("up_bias")
         self.bias = None
         if gate_b is not None or up_b is not None:
@@ -93,13 +56,11 @@ class LayerRanker:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.bias is None else self.bias.numel() * 4
-        return self.packed.numel() + self.scales_zeros.numel() * 2 + extra
+        return self.matrix.nbytes + extra
 
     def scores(self, x: torch.Tensor, act) -> torch.Tensor:
         """x [T, d] -> estimated |act(gate·x) * (up·x)| [T, n] (float32)."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
-        ).float()
+        y = self.matrix.linear(x).float()
         if self.bias is not None:
             y = y + self.bias
         return (act(y[:, : self.n]) * y[:, self.n :]).abs_()

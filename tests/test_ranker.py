@@ -16,7 +16,8 @@ from streamer.convert import convert
 from streamer.engine import load_engine
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
-from streamer.ranker import GROUP, META_FILE, GateRanker, dequantize, quantize
+from streamer.quant import GROUP, dequantize, quantize
+from streamer.ranker import META_FILE, GateRanker
 from streamer.sources import HFSource
 from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import make_hf_model

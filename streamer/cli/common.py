@@ -4,19 +4,22 @@ anything is loaded, and opening an engine for a model argument."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 from pathlib import Path
 
 import torch
 
 from protocol.sockets import Security
+from streamer.calibrate import CalibrationSettings, calibrate, ranker_fits
 from streamer.cpus import DEFAULT_CONCURRENCY, usable_cpus
 from streamer.engine import MODES as ENGINE_MODES
 from streamer.engine import Engine, dense_engine, load_engine
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
 from streamer.memory import parse_size
-from streamer.predictor import META_FILE
+from streamer.predictor import selection_file
+from streamer.quant import RESIDENT_KINDS
 from streamer.sources import Source
 
 log = logging.getLogger("streamer")
@@ -79,6 +82,13 @@ def add_engine(p: argparse.ArgumentParser) -> None:
         choices=["float16", "bfloat16", "float32"],
         help="compute dtype (default: float32 for dense, the stored dtype otherwise)",
     )
+    g.add_argument(
+        "--quant-resident",
+        choices=RESIDENT_KINDS,
+        help="keep the resident part's matrices (attention, embeddings, LM head) in 4 bits, "
+        "in groups of 32 with a scale and an offset: lossless up to bfloat16 rounding for a "
+        "model converted from Q4_1, as the default model is (default: as stored)",
+    )
     add_threads(p)
 
 
@@ -118,20 +128,39 @@ def check_engine_args(args: argparse.Namespace) -> None:
         parse_size(args.dram_budget, "dram_budget", whole=1 << 60)
 
 
+def calibrate_default(source: ConvertedModel) -> bool:
+    """The default model's first flash run calibrates its ranker, once (about 20 s here;
+    README); False where the ranker does not fit the model."""
+    settings = CalibrationSettings()
+    if not ranker_fits(settings, source.config):
+        return False
+    with (source.directory.parent / f".{source.directory.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if selection_file(source.directory) is None:  # another process may have done it
+            log.warning(
+                "calibrating the default model's ranker (once; `streamer calibrate default` "
+                "redoes it)"
+            )
+            calibrate(source.directory, settings, progress=True)
+    return True
+
+
 def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engine:
     """The engine of `source` (opened from `args.model`) for generate, eval and serve;
     `--mode auto` picks all or dense."""
     mode = args.mode
     converted = isinstance(source, ConvertedModel)
     if mode == "auto":
-        calibrated = converted and (source.directory / META_FILE).is_file()
+        calibrated = converted and selection_file(source.directory) is not None
+        if converted and not calibrated and str(args.model) == "default":
+            calibrated = calibrate_default(source)
         mode = "all" if calibrated else "dense"
         if not calibrated:
             why = "not calibrated: run `streamer calibrate`" if converted else "not converted"
             log.info("mode dense (the model is %s for the flash modes)", why)
     if mode == "dense" and not converted:
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
-        return dense_engine(source, dtype, max_len)
+        return dense_engine(source, dtype, max_len, quant_resident=args.quant_resident)
     if not converted:
         raise ModelFormatError(
             f"mode {mode} streams from the flash layout: run `streamer "
@@ -146,6 +175,7 @@ def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engin
         direct=not args.buffered,
         dtype=args.dtype,
         max_len=max_len,
+        quant_resident=args.quant_resident,
     )
     if engine.mode != "dense" or args.dram_budget:
         log.info("mode %s: %s", engine.mode, engine.plan.describe())

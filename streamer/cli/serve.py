@@ -16,13 +16,16 @@ from streamer.cli.common import (
     MODEL_HELP,
     add_engine,
     add_security,
+    calibrate_default,
     check_engine_args,
     open_engine,
     security,
     set_threads,
 )
 from streamer.errors import ConfigError
-from streamer.registry import load_tokenizer, open_source
+from streamer.layout import ConvertedModel
+from streamer.predictor import selection_file
+from streamer.registry import load_tokenizer, open_source, resolve_default
 from streamer.services.pipeline import serve_pipeline
 from streamer.services.server import Server, ServerSettings, default_endpoint
 from workers.config import PipelineConfig
@@ -135,6 +138,8 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     }
     if args.mode not in ("auto", "all"):
         raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")
+    if args.quant_resident:
+        raise ConfigError("the pipeline keeps the resident part as stored: no --quant-resident")
     return PipelineConfig.from_toml(
         args.config, **{k: v for k, v in given.items() if v is not None}
     )
@@ -142,6 +147,10 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
 
 def _serve_pipeline(args: argparse.Namespace) -> int:
     config = pipeline_config(args)
+    if config.model == "default":
+        source = ConvertedModel(resolve_default())
+        if selection_file(source.directory) is None:
+            calibrate_default(source)
     torch.set_num_threads(1)  # this process only samples; the cores are compute's
 
     async def main() -> None:
