@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,18 @@ from streamer.predictor import (
     recall_precision,
     train_predictor,
 )
-from streamer.ranker import GROUP, GateRanker
+from streamer.quant import GROUP
 from streamer.ranker import META_FILE as RANKER_META
 from streamer.ranker import WEIGHTS_FILE as RANKER_WEIGHTS
+from streamer.ranker import GateRanker
 from streamer.ranker import fingerprint as ranker_fingerprint
 from streamer.ranker import supports as supports_ranker
 from streamer.registry import load_tokenizer
 from streamer.sources import LayerWeights
+
+# The ranker's default sparsity, chosen by the default model's held-out perplexity (README,
+# "Gated models")
+RANKER_SPARSITY = 0.45
 
 
 def shipped_text(name: str) -> str:
@@ -56,7 +61,9 @@ class CalibrationSettings:
     texts: list[Path] = field(default_factory=list)  # empty: the text shipped with streamer
     heldout: Path | None = None  # None: the held-out text shipped with streamer
     ranks: str = "128"
-    sparsity: float = 0.5  # SwiGLU only: fraction of (token, neuron) pairs counted inactive
+    # SwiGLU only: fraction of (token, neuron) pairs left out; None: RANKER_SPARSITY for the
+    # ranker, 0.5 for the low-rank predictors
+    sparsity: float | None = None
     target_recall: float = 0.99  # of the active neurons' activation mass
     epochs: int = 30
     max_tokens: int = 8192
@@ -68,7 +75,7 @@ class CalibrationSettings:
     fit: str = "auto"  # lowrank (closed form), sgd (gradient descent), auto: lowrank for ReLU
 
     def __post_init__(self) -> None:
-        if not 0 <= self.sparsity < 1:
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}", "sparsity")
         if not 0 < self.target_recall <= 1:
             raise ConfigError(f"recall must be in (0, 1], got {self.target_recall}", "recall")
@@ -230,6 +237,8 @@ def calibrate(
     cfg = source.config
     if ranker_fits(settings, cfg):
         return calibrate_ranker(source, settings, progress)
+    if settings.sparsity is None:
+        settings = replace(settings, sparsity=0.5)
     ranks = parse_ranks(settings.ranks, cfg.n_layers)
     train_tokens, held_tokens = _texts(source, settings)
     dtype = parse_dtype(settings.dtype)
@@ -407,6 +416,8 @@ def calibrate_ranker(
     with the selection, for the report. No training: seconds, not minutes."""
     t_start = time.perf_counter()
     cfg, directory = source.config, source.directory
+    if settings.sparsity is None:
+        settings = replace(settings, sparsity=RANKER_SPARSITY)
     train_tokens, held_tokens = _texts(source, settings)
     dtype = parse_dtype(settings.dtype)
     model = Transformer(cfg, LayerWeights(source, dtype), None, dtype)  # type: ignore[arg-type]

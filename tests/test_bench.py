@@ -55,7 +55,7 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
     for name, row in rows.items():
         assert row["tokens"] == 3, name
         assert row["min_ms"] <= row["median_ms"] <= row["max_ms"], name
-        assert row["bytes_read"] > 0, name
+        assert (row["bytes_read"] > 0) == (name != "dense"), name  # dense: the reference
     assert set(report["ratios"]) == {
         "all_vs_naive",
         "all_vs_accelerate",

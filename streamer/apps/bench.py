@@ -48,7 +48,7 @@ from streamer.registry import load_tokenizer
 from workers.config import PipelineConfig
 from workers.launcher import Pipeline
 
-ENGINE_ROWS = ("naive", "hybrid", "predictor", "window", "all")
+ENGINE_ROWS = ("dense", "naive", "hybrid", "predictor", "window", "all")
 PIPELINE_ROWS = ("pipeline", "serial")
 ROWS = (*ENGINE_ROWS, *PIPELINE_ROWS, "accelerate")
 PROMPT_TOKENS = 16  # of the bench text: the prompt; the tokens after it are decoded one by one
@@ -80,6 +80,8 @@ class BenchSettings:
     compute_cpus: str = ""  # the pipeline rows' affinity (PipelineConfig)
     io_cpus: str = ""
     lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)
+    quant_resident: str | None = None  # the engine rows' resident part (load_engine)
+    dtype: str | None = None  # the engine rows' compute dtype (None: each mode's default)
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
@@ -89,6 +91,11 @@ class BenchSettings:
             raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
         if not 0 <= self.lookahead_p < 1:
             raise ConfigError(f"--lookahead-p must be in [0, 1), got {self.lookahead_p}")
+        if self.quant_resident and set(self.rows) & {*PIPELINE_ROWS, "accelerate"}:
+            raise ConfigError(
+                "--quant-resident is for the engine rows: leave the pipeline and accelerate "
+                "rows out with --rows"
+            )
         parse_cpus(self.compute_cpus, "--compute-cpus")  # before any row runs
         parse_cpus(self.io_cpus, "--io-cpus")
 
@@ -175,9 +182,12 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
         directory,
         mode=mode,
         window=settings.window,
-        dram_budget=settings.dram_budget,
+        # dense holds the whole model: the reference, outside any budget
+        dram_budget=None if mode == "dense" else settings.dram_budget,
         concurrency=settings.concurrency,
         max_len=max_len,
+        quant_resident=None if mode == "naive" else settings.quant_resident,
+        dtype=settings.dtype,
     ) as e:
         cache = e.new_cache(max_len)
 

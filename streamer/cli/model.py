@@ -68,9 +68,8 @@ def register(sub) -> None:
     p.add_argument(
         "--sparsity",
         type=float,
-        default=0.5,
-        help="SwiGLU models: fraction of neurons counted inactive, by magnitude "
-        "(default: %(default)s)",
+        help="gated models: the fraction of (token, neuron) pairs left out, by magnitude "
+        "(default: 0.45 for the ranker, 0.5 for the low-rank predictors)",
     )
     p.add_argument(
         "--recall",

@@ -13,6 +13,7 @@ from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError
 from streamer.flash import ALIGN, probe_disk
 from streamer.memory import parse_size
+from streamer.quant import RESIDENT_KINDS
 from streamer.registry import converted_dir
 
 
@@ -52,7 +53,8 @@ def register(sub) -> None:
         "bench",
         help="the paper's Tables 2 and 3 on this machine, beside naive loading and a peer",
         description="In one run at one DRAM budget, with cold reads: the disk probe; the "
-        "ablation rows naive, hybrid, predictor, window, all; the pipeline with overlap and "
+        "dense reference (whole model in DRAM, outside the budget); the ablation rows naive, "
+        "hybrid, predictor, window, all; the pipeline with overlap and "
         "--serial; transformers + accelerate disk offload. Prints a Markdown table and writes "
         "bench.json and bench.png under --out.",
     )
@@ -74,7 +76,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--rows",
-        help="which rows, in order: naive,hybrid,predictor,window,all,pipeline,serial,"
+        help="which rows, in order: dense,naive,hybrid,predictor,window,all,pipeline,serial,"
         "accelerate (default: all of them)",
     )
     p.add_argument(
@@ -106,6 +108,17 @@ def register(sub) -> None:
         default=0.0,
         help="pipeline rows: read early only neurons at least this likely (default: 0, the "
         "calibrated threshold)",
+    )
+    p.add_argument(
+        "--quant-resident",
+        choices=RESIDENT_KINDS,
+        help="engine rows: the resident part's matrices in 4 bits (see generate --help)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="engine rows: the compute dtype (default: float32 for dense, the stored dtype "
+        "otherwise)",
     )
     add_threads(p)
     p.set_defaults(handler=cmd_bench)
@@ -161,6 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compute_cpus=args.compute_cpus,
         io_cpus=args.io_cpus,
         lookahead_p=args.lookahead_p,
+        quant_resident=args.quant_resident,
+        dtype=args.dtype,
     )
     report = run_bench(converted_dir(args.model), settings)
     print(json.dumps(report, default=str) if args.json else markdown(report))

@@ -1,0 +1,70 @@
+"""4- and 8-bit matrices in DRAM against plain torch on the same codes, and the engine with a
+quantized resident part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamer.convert import convert
+from streamer.engine import load_engine
+from streamer.errors import ConfigError
+from streamer.quant import GROUP, Q4Matrix, Q8Embedding, dequantize, quantize, quantize_resident
+from streamer.sources import HFSource
+from tests.helpers import PROMPT
+
+
+def test_q4_linear_equals_plain_torch_on_the_same_codes():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 4 * GROUP, generator=gen)
+    x = torch.randn(3, 4 * GROUP, generator=gen).bfloat16().float()  # what the kernel sees
+    m, q = Q4Matrix.of(w), quantize(w)
+    ref = x @ dequantize(q).T
+    got = m.linear(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 96)
+    # the kernel rounds its output to bfloat16
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert (got - x @ w.T).abs().max() > 0  # it is the codes, not the float matrix
+    assert m.nbytes < w.numel() * 2 / 3  # under a third of float16's bytes
+
+
+def test_q8_embedding_rows_and_head_equal_plain_torch():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(200, 64, generator=gen)
+    e = Q8Embedding(w)
+    table = e.codes.float() * e.scale.float()[:, None]
+    assert (table - w).abs().max() <= w.abs().amax() / 127  # half a step, with margin
+    ids = torch.tensor([3, 3, 199, 0])
+    assert torch.equal(e.rows(ids, torch.float32), table[ids])
+    x = torch.randn(2, 64, generator=gen).bfloat16().float()
+    ref = x @ table.T
+    assert torch.allclose(e.linear(x), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_a_quantized_resident_part_equals_a_reference_on_the_same_codes(hf_model, tmp_path):
+    """The engine with `quant_resident="q4"` against the dense model whose resident matrices
+    were replaced by what the codes stand for: the same logits, up to bfloat16 activations."""
+    out = tmp_path / "m"
+    convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
+    with (
+        load_engine(out, mode="dense", max_len=64) as ref,
+        load_engine(out, mode="dense", max_len=64, quant_resident="q4") as quant,
+    ):
+        for name, q in quantize_resident(dict(ref.model.w)).items():
+            if isinstance(q, Q4Matrix):
+                ref.model.w[name] = dequantize(quantize(ref.model.w[name]))
+            elif isinstance(q, Q8Embedding):
+                ref.model.w[name] = q.codes.float() * q.scale.float()[:, None]
+        assert sum(not isinstance(t, torch.Tensor) for t in quant.model.w.values()) >= 9
+        assert quant.plan.resident < ref.plan.resident
+        seq = torch.tensor(PROMPT * 3)
+        want = ref.forward(seq, ref.new_cache(64))
+        got = quant.forward(seq, quant.new_cache(64))
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+
+
+def test_an_unknown_resident_kind_is_one_clear_error(hf_model, tmp_path):
+    out = tmp_path / "m"
+    convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
+    with pytest.raises(ConfigError, match="quant_resident must be one of q4, got 'q3'"):
+        load_engine(out, mode="all", quant_resident="q3")
