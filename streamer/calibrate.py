@@ -384,7 +384,7 @@ def ranker_fits(settings: CalibrationSettings, cfg) -> bool:
     """Whether `settings.fit` asks for the gated ranker (auto: every gated non-ReLU model
     whose width the 4-bit groups divide)."""
     if settings.fit == "ranker":
-        if not cfg.gated or cfg.activation == "relu":
+        if not cfg.gated:
             raise ConfigError("fit ranker is for gated (SwiGLU, GeGLU) models", "fit")
         if not supports_ranker(cfg.d_model):
             raise ConfigError(
@@ -440,14 +440,14 @@ def calibrate_ranker(
         x, h = _recorded(train, i, dense)
         with torch.no_grad():
             score = ranker.scores(i, x)
-            thr = 0.0 if settings.sparsity == 0 else _quantile(score, settings.sparsity)
+            thr = -1.0 if settings.sparsity == 0 else _quantile(score, settings.sparsity)
             ranker.thresholds.append(thr)
             ranker.lookahead_thresholds.append(None)
             if prev_x is not None:
                 ahead = ranker.scores(i, prev_x)
-                look = 0.0 if settings.sparsity == 0 else _quantile(ahead, settings.sparsity)
+                look = -1.0 if settings.sparsity == 0 else _quantile(ahead, settings.sparsity)
                 ranker.lookahead_thresholds[i - 1] = look
-            chosen = score >= thr
+            chosen = score > thr
             mass = h.float()
             per_layer.append(
                 {
@@ -461,7 +461,7 @@ def calibrate_ranker(
         del h, score, mass, chosen
 
         def selected(layer: int, x: torch.Tensor, h: torch.Tensor, i=i, t=thr) -> torch.Tensor:
-            return (ranker.scores(i, x) >= t).to(h.dtype)
+            return (ranker.scores(i, x) > t).to(h.dtype)
 
         runs["dense"].layer(i, MaskedFFN(dense))
         runs["sparse"].layer(i, MaskedFFN(dense, mask=selected))

@@ -2,7 +2,7 @@
 DRAM, ranks the neurons before any of their bundles is read.
 
 A SwiGLU (or GeGLU) neuron's output is act(gate·x) * (up·x); no small predictor guesses it well
-(the low-rank ones kept 90-97% of the neurons, README "Gated models"). This computes it: both
+(the low-rank ones had to keep nearly every neuron; README, "Gated models"). This computes it: both
 projections quantized to 4 bits in groups of 32 input channels, each group with a scale and an
 offset (GGUF's Q4_1 blocks: for a model converted from Q4_1, as the default model is, the copy
 holds the very weights, up to bfloat16 rounding of the scales), multiplied with torch's int4
@@ -68,9 +68,10 @@ class LayerRanker:
 
 @dataclass
 class GateRanker:
-    """Per layer: the ranker, the threshold on its score, the look-ahead threshold (layer l+1's
-    ranker on layer l's input; None for the last layer). `activity` is what "active" means for
-    the window a prompt fills (|output| above the same thresholds)."""
+    """Per layer: the ranker, the threshold its score must exceed (negative: every neuron), the
+    look-ahead threshold (layer l+1's ranker on layer l's input; None for the last layer).
+    `activity` is what "active" means for the window a prompt fills (|output| above the same
+    thresholds)."""
 
     layers: list[LayerRanker]
     thresholds: list[float]
@@ -113,7 +114,7 @@ class GateRanker:
     def predict(self, layer: int, x: torch.Tensor) -> np.ndarray:
         """x: [1, d] (the FFN input) -> sorted ids of the neurons selected."""
         s = self.scores(layer, x)[0]
-        return torch.nonzero(s >= self.thresholds[layer]).flatten().numpy()
+        return torch.nonzero(s > self.thresholds[layer]).flatten().numpy()
 
     @torch.inference_mode()
     def predict_next(
@@ -126,7 +127,7 @@ class GateRanker:
         if thr is None:
             return None
         s = self.scores(layer + 1, x)[0]
-        return torch.nonzero(s >= thr).flatten().numpy()
+        return torch.nonzero(s > thr).flatten().numpy()
 
     def save(self, directory: Path, fingerprint: str) -> None:
         tensors = {
@@ -172,8 +173,8 @@ class GateRanker:
             raise ModelFormatError(
                 f"{meta_path}: {len(thr)} layers of thresholds, the model has {n_layers}"
             )
-        if not all(isinstance(t, (int, float)) and t >= 0 for t in thr):
-            raise ModelFormatError(f"{meta_path}: thresholds must be numbers >= 0")
+        if not all(isinstance(t, (int, float)) for t in thr):
+            raise ModelFormatError(f"{meta_path}: thresholds must be numbers")
         quantized, layers = [], []
         shapes = {
             "codes": (2 * n, d // 2),

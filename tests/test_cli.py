@@ -53,7 +53,10 @@ def test_convert_then_generate_every_model_kind(tmp_path):
     assert streamer("verify", str(out)).stdout.startswith("ok ")
     runs = {}
     for model in (str(out), str(default_gguf()), "default"):
-        proc = streamer("generate", model, "--prompt", PROMPT, *GREEDY_12, "--json")
+        # dense: `default` alone would calibrate and stream (`auto`), the others cannot
+        proc = streamer(
+            "generate", model, "--prompt", PROMPT, *GREEDY_12, "--mode", "dense", "--json"
+        )
         result = json.loads(proc.stdout)
         assert set(result) >= {"token_ids", "text", "summary"}
         assert len(result["token_ids"]) == result["summary"]["generated_tokens"] == 12

@@ -74,6 +74,8 @@ EXAMPLES = [
     LoadLayer("s1", 5, 1),
     LayerReady("s1", 5, 1, 1 << 20, 4, 2.5),
     LayerReady("s1", 5, 1, data=np.ones((1536, 4096), dtype=np.uint8)),
+    # the window rows of a token's neurons, for compute to gather
+    Fetch("r1", 3, 13, ids, np.arange(4), cached=6, take=np.array([0, 2, 5], dtype=np.int64)),
 ]
 
 
@@ -161,6 +163,8 @@ def tamper(msg, **changes) -> list:
         (tamper(EXAMPLES[13], a__moves=["int64", [1, 4], 4]), "moves must have shape"),
         (tamper(EXAMPLES[13], a__data=["uint8", [2, 8192], 5]), "one row per neuron"),
         (tamper(EXAMPLES[11], a__neurons=None), "fetch.neurons is missing"),
+        (tamper(EXAMPLES[-1], f__cached=2), "take has more rows than the window holds"),
+        (tamper(EXAMPLES[-1], f__cached=5), r"take must lie in \[0, 5\)"),
     ],
 )
 def test_malformed_messages_are_named(frames, match):

@@ -40,10 +40,9 @@ from streamer.calibrate import shipped_text
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
-from streamer.ffn import safetensors_index
 from streamer.flash import ALIGN, probe_disk
-from streamer.layout import RESIDENT_FILE, ConvertedModel
-from streamer.memory import parse_budget, rss_bytes
+from streamer.layout import ConvertedModel
+from streamer.memory import nbytes, parse_budget, rss_bytes
 from streamer.registry import load_tokenizer
 from workers.config import PipelineConfig
 from workers.launcher import Pipeline
@@ -196,6 +195,8 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
 
         out = _decode(forward, ids, settings, bar)
         plan = e.plan
+        # what the embeddings, LM head and final norm take in DRAM (quantized or not)
+        embed = sum(nbytes(t) for k, t in e.model.w.items() if not k.startswith("layers."))
         steps = [s for s in e.telemetry.steps[1:] if s["tokens"] == 1]
         prefill = e.telemetry.steps[0]
     memory = {
@@ -205,7 +206,13 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
         "budget": plan.budget,
     }
     return row_stats(
-        mode, steps, token_ids=out, prefill_ms=prefill["total_ms"], memory=memory, plan=plan
+        mode,
+        steps,
+        token_ids=out,
+        prefill_ms=prefill["total_ms"],
+        memory=memory,
+        plan=plan,
+        embed_bytes=embed,
     )
 
 
@@ -328,12 +335,11 @@ def accelerate_row(hf_dir: Path, budget: int, ids: list[int], settings, offload:
 # --------------------------------------------------------------------------- the run
 
 
-def budget_split(directory: Path, plan) -> dict[str, float]:
-    """The DRAM budget as fractions of the model, as the paper gives it for Falcon-7B."""
+def budget_split(directory: Path, plan, embed: int) -> dict[str, float]:
+    """The DRAM budget as fractions of the model, as the paper gives it for Falcon-7B; `embed`:
+    the bytes of the resident tensors outside the layers (embeddings, LM head, final norm)."""
 
     model = ConvertedModel(directory)
-    index = safetensors_index(model.directory / RESIDENT_FILE)
-    embed = sum(v[3] - v[2] for k, v in index.items() if not k.startswith("layers."))
     m = plan.model_bytes
     split = {
         "embeddings": embed / m,
@@ -416,9 +422,9 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         t0 = time.perf_counter()
         if name in ENGINE_ROWS:
             row = engine_row(directory, name, ids, settings, bar)
-            plan = row.pop("plan")
+            plan, embed = row.pop("plan"), row.pop("embed_bytes")
             if name == "all":
-                report["budget_split"] = budget_split(directory, plan)
+                report["budget_split"] = budget_split(directory, plan, embed)
         elif name in PIPELINE_ROWS:
             row = pipeline_row(directory, name == "serial", ids, settings, bar)
         else:
