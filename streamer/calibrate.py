@@ -41,7 +41,7 @@ from streamer.predictor import (
 from streamer.quant import GROUP
 from streamer.ranker import META_FILE as RANKER_META
 from streamer.ranker import WEIGHTS_FILE as RANKER_WEIGHTS
-from streamer.ranker import GateRanker
+from streamer.ranker import GateRanker, select
 from streamer.ranker import fingerprint as ranker_fingerprint
 from streamer.ranker import supports as supports_ranker
 from streamer.registry import load_tokenizer
@@ -73,6 +73,7 @@ class CalibrationSettings:
     lr: float = 3e-3  # Adam's, decayed to 0 by the last epoch
     dtype: str = "float32"  # the dense model's while recording (predictors train in float32)
     fit: str = "auto"  # lowrank (closed form), sgd (gradient descent), auto: lowrank for ReLU
+    gap: int = 0  # the ranker's: runs of at most this many neurons between two selected join them
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
@@ -85,6 +86,8 @@ class CalibrationSettings:
             raise ConfigError(
                 f"batch must be >= 1 and lr in (0, 1), got {self.batch}, {self.lr}", "batch"
             )
+        if self.gap < 0:
+            raise ConfigError(f"gap must be at least 0, got {self.gap}", "gap")
         if self.fit not in ("auto", "lowrank", "sgd", "ranker"):
             raise ConfigError(f"fit must be auto, lowrank, sgd or ranker, got {self.fit}", "fit")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -447,7 +450,9 @@ def calibrate_ranker(
                 ahead = ranker.scores(i, prev_x)
                 look = -1.0 if settings.sparsity == 0 else _quantile(ahead, settings.sparsity)
                 ranker.lookahead_thresholds[i - 1] = look
-            chosen = score > thr
+            chosen = torch.zeros_like(score, dtype=torch.bool)
+            for row, s in enumerate(score):
+                chosen[row, torch.from_numpy(select(s, thr, settings.gap))] = True
             mass = h.float()
             per_layer.append(
                 {
@@ -461,7 +466,10 @@ def calibrate_ranker(
         del h, score, mass, chosen
 
         def selected(layer: int, x: torch.Tensor, h: torch.Tensor, i=i, t=thr) -> torch.Tensor:
-            return (ranker.scores(i, x) > t).to(h.dtype)
+            mask = torch.zeros_like(h)
+            for row, score in enumerate(ranker.scores(i, x)):
+                mask[row, torch.from_numpy(select(score, t, settings.gap))] = 1
+            return mask
 
         runs["dense"].layer(i, MaskedFFN(dense))
         runs["sparse"].layer(i, MaskedFFN(dense, mask=selected))
@@ -472,6 +480,7 @@ def calibrate_ranker(
         ppl[name], n_tokens = run.perplexity()
     ranker.meta = {
         "sparsity": settings.sparsity,
+        "gap": settings.gap,
         "keep": round(keep, 4),
         "fit": "ranker",
         "calibration_tokens": len(train_tokens),

@@ -82,6 +82,7 @@ class GateRanker:
 
     def __post_init__(self) -> None:
         self.act = ACTIVATION_FNS[self.activation]
+        self.gap = int(self.meta.get("gap", 0))
 
     @classmethod
     def build(cls, weights: list[FFNWeights], activation: str) -> GateRanker:
@@ -113,8 +114,7 @@ class GateRanker:
     @torch.inference_mode()
     def predict(self, layer: int, x: torch.Tensor) -> np.ndarray:
         """x: [1, d] (the FFN input) -> sorted ids of the neurons selected."""
-        s = self.scores(layer, x)[0]
-        return torch.nonzero(s > self.thresholds[layer]).flatten().numpy()
+        return select(self.scores(layer, x)[0], self.thresholds[layer], self.gap)
 
     @torch.inference_mode()
     def predict_next(
@@ -126,8 +126,7 @@ class GateRanker:
         thr = self.lookahead_thresholds[layer] if layer + 1 < len(self.layers) else None
         if thr is None:
             return None
-        s = self.scores(layer + 1, x)[0]
-        return torch.nonzero(s > thr).flatten().numpy()
+        return select(self.scores(layer + 1, x)[0], thr, self.gap)
 
     def save(self, directory: Path, fingerprint: str) -> None:
         tensors = {
@@ -203,6 +202,26 @@ class GateRanker:
             meta,
             quantized,  # type: ignore[arg-type]
         )
+
+
+def select(score: torch.Tensor, threshold: float, gap: int = 0) -> np.ndarray:
+    """Sorted ids of the neurons whose score exceeds `threshold`, and of every run of at most
+    `gap` neurons between two of them: their bundles lie between, so one longer read replaces
+    two, and each read costs more here than its bytes do (README, "Gated models"). A neuron
+    added is computed like the others: more neurons only bring the output nearer dense."""
+    ids = torch.nonzero(score > threshold).flatten().numpy()
+    if gap <= 0 or len(ids) < 2:
+        return ids
+    d = np.diff(ids)
+    small = (d > 1) & (d <= gap + 1)
+    if not small.any():
+        return ids
+    delta = np.zeros(len(score) + 1, dtype=np.int32)
+    delta[ids[:-1][small] + 1] += 1  # the runs between: no two overlap
+    delta[ids[1:][small]] -= 1
+    keep = np.cumsum(delta[:-1]) > 0
+    keep[ids] = True
+    return np.flatnonzero(keep)
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from streamer.engine import load_engine
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
 from streamer.quant import GROUP, dequantize, quantize
-from streamer.ranker import META_FILE, GateRanker
+from streamer.ranker import META_FILE, GateRanker, select
 from streamer.sources import HFSource
 from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import make_hf_model
@@ -160,3 +160,18 @@ def test_a_ranker_from_another_model_is_refused(llama, tmp_path):
 def test_a_sparsity_outside_0_1_is_one_clear_error(sparsity):
     with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\)"):
         CalibrationSettings(sparsity=sparsity)
+
+
+@pytest.mark.parametrize("gap", [0, 1, 3])
+def test_gap_filling_selects_the_runs_between_selected_neurons(gap):
+    gen = torch.Generator().manual_seed(gap)
+    for _ in range(50):
+        score = torch.rand(64, generator=gen)
+        ids = np.flatnonzero(score.numpy() > 0.6)
+        want = set(ids.tolist())
+        for a, b in zip(ids[:-1], ids[1:], strict=True):
+            if b - a - 1 <= gap:
+                want.update(range(a + 1, b))
+        got = select(score, 0.6, gap)
+        assert got.tolist() == sorted(want)
+    assert len(select(score, 0.6, 64)) == ids[-1] - ids[0] + 1  # one run, first to last

@@ -72,6 +72,13 @@ def register(sub) -> None:
         "(default: 0.45 for the ranker, 0.5 for the low-rank predictors)",
     )
     p.add_argument(
+        "--gap",
+        type=int,
+        default=0,
+        help="the ranker's: also select every run of at most GAP neurons between two selected "
+        "ones, so that one longer read replaces two (default: %(default)s)",
+    )
+    p.add_argument(
         "--recall",
         type=float,
         default=0.99,
@@ -181,6 +188,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         heldout=args.heldout,
         ranks=args.ranks,
         sparsity=args.sparsity,
+        gap=args.gap,
         target_recall=args.recall,
         epochs=args.epochs,
         fit=args.fit,
