@@ -27,6 +27,9 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+DOWN_BLOCK = 1024  # rows of a float16 down projection converted to float32 at a time
+
+
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ wᵀ + b for a resident matrix: a tensor, or a quantized one (`streamer.quant`)."""
     if isinstance(w, torch.Tensor):
@@ -66,10 +69,16 @@ def ffn_forward(
     h = act(F.linear(x, w.gate, w.gate_bias)) * h if w.gate is not None else act(h)
     if on_activations is not None:
         h = on_activations(h)
-    # torch's float16 matmul is 20x slower here than converting both to float32 first
-    # (README, "Decisions")
-    half = w.down.dtype == torch.float16
-    out = (h.float() @ w.down.float()).to(h.dtype) if half else h @ w.down
+    if w.down.dtype == torch.float16:
+        # torch's float16 matmul is 20x slower here than converting both to float32 first
+        # (README, "Decisions"); in blocks of rows, so that a whole layer's conversion (a
+        # prompt's) does not need a float32 copy of down beside the budget
+        out = torch.zeros(h.shape[0], w.down.shape[1])
+        for i in range(0, h.shape[1], DOWN_BLOCK):
+            out += h[:, i : i + DOWN_BLOCK].float() @ w.down[i : i + DOWN_BLOCK].float()
+        out = out.to(h.dtype)
+    else:
+        out = h @ w.down
     return out + w.down_bias if w.down_bias is not None else out
 
 
