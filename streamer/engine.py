@@ -52,7 +52,7 @@ from streamer.memory import (
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
 from streamer.predictor import Selection, load_selection
-from streamer.quant import RESIDENT_KINDS, quantize_resident
+from streamer.quant import RESIDENT_KINDS, quantize_resident, quantize_resident_tensor
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
@@ -394,9 +394,8 @@ def load_engine(
             )
             resident_bytes = 0
         else:
-            resident = load_resident(model, compute)
-            if quant_resident:
-                resident = quantize_resident(resident)
+            quantized = quantize_resident_tensor if quant_resident else None
+            resident = load_resident(model, compute, transform=quantized)
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = MemoryPlan(
             budget,

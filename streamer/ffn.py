@@ -51,10 +51,15 @@ def safetensors_index(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...
 
 
 def load_resident(
-    model: ConvertedModel, dtype: torch.dtype, names: list[str] | None = None
+    model: ConvertedModel,
+    dtype: torch.dtype,
+    names: list[str] | None = None,
+    transform: Callable[[str, torch.Tensor], object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The resident tensors, read with plain reads (no mmap, whose file pages would count in RSS
-    on top of the copies), then dropped from the page cache."""
+    on top of the copies), then dropped from the page cache. `transform(name, tensor)`: what to
+    hold instead of each tensor (a quantized one), made as each is read, so that the whole part
+    is never in DRAM twice."""
     path = model.directory / RESIDENT_FILE
     index = safetensors_index(path)
     out = {}
@@ -62,7 +67,8 @@ def load_resident(
         for name in model.resident_names() if names is None else names:
             st_dtype, shape, start, end = index[name]
             arr = np.fromfile(f, dtype=np.uint8, count=end - start, offset=start - f.tell())
-            out[name] = torch.from_numpy(arr).view(st_dtype).reshape(shape).to(dtype)
+            t = torch.from_numpy(arr).view(st_dtype).reshape(shape).to(dtype)
+            out[name] = t if transform is None else transform(name, t)
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 GROUP = 32  # input channels per scale and offset (GGUF's block)
+ROW_BLOCK = 4096  # rows quantized at a time
 
 
 def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,11 +86,14 @@ class Q8Embedding:
     (4 bits cost the default model 7% perplexity here, 8 bits 0.2%; README, "Decisions".)"""
 
     def __init__(self, w: torch.Tensor) -> None:
-        w = w.float()
-        scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
-        self.codes = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        self.scale = scale.bfloat16()
         self.shape = tuple(w.shape)
+        self.codes = torch.empty(self.shape, dtype=torch.int8)
+        self.scale = torch.empty(self.shape[0], dtype=torch.bfloat16)
+        for i in range(0, self.shape[0], ROW_BLOCK):  # no float32 copy of the whole table
+            rows = w[i : i + ROW_BLOCK].float()
+            scale = (rows.abs().amax(1) / 127).clamp_min(1e-12)
+            self.codes[i : i + ROW_BLOCK] = (rows / scale[:, None]).round_().clamp_(-127, 127)
+            self.scale[i : i + ROW_BLOCK] = scale
 
     @property
     def nbytes(self) -> int:
@@ -107,15 +111,17 @@ RESIDENT_KINDS = ("q4",)
 
 def quantize_resident(weights: dict[str, torch.Tensor]) -> dict[str, object]:
     """The resident part with its projection matrices in 4 bits and the token embeddings (and
-    an untied LM head) in 8; norms, biases, position embeddings and matrices whose input width
-    GROUP does not divide stay as they are."""
-    out: dict[str, object] = {}
-    for name, t in weights.items():
-        matrix = name.endswith(".weight") and t.dim() == 2 and t.shape[1] % GROUP == 0
-        if name in ("embed.weight", "lm_head.weight"):
-            out[name] = Q8Embedding(t)
-        elif not matrix or "norm" in name or name == "pos_embed.weight":
-            out[name] = t
-        else:
-            out[name] = Q4Matrix.of(t)
-    return out
+    an untied LM head) in 8; see `quantize_resident_tensor`."""
+    return {name: quantize_resident_tensor(name, t) for name, t in weights.items()}
+
+
+def quantize_resident_tensor(name: str, t: torch.Tensor) -> object:
+    """One resident tensor as it is held with `quant_resident="q4"`: embeddings and LM head in
+    8 bits, other matrices in 4; norms, biases, position embeddings and matrices whose input
+    width GROUP does not divide as they are."""
+    if name in ("embed.weight", "lm_head.weight"):
+        return Q8Embedding(t)
+    matrix = name.endswith(".weight") and t.dim() == 2 and t.shape[1] % GROUP == 0
+    if not matrix or "norm" in name or name == "pos_embed.weight":
+        return t
+    return Q4Matrix.of(t)

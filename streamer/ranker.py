@@ -78,6 +78,8 @@ class GateRanker:
     lookahead_thresholds: list[float | None]
     activation: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # the portable codes, kept by `build` for `save` (calibration); a loaded ranker holds only
+    # the kernel's packed copy
     quantized: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -174,7 +176,7 @@ class GateRanker:
             )
         if not all(isinstance(t, (int, float)) for t in thr):
             raise ModelFormatError(f"{meta_path}: thresholds must be numbers")
-        quantized, layers = [], []
+        layers = []
         shapes = {
             "codes": (2 * n, d // 2),
             "scale": (2 * n, d // GROUP),
@@ -192,15 +194,15 @@ class GateRanker:
             bias = tensors.get(f"layers.{i}.bias")
             r = LayerRanker(q, {})  # type: ignore[arg-type]
             r.bias = bias
-            quantized.append(q)  # type: ignore[arg-type]
             layers.append(r)
+            for k in shapes:  # only the packed copy stays in DRAM
+                del tensors[f"layers.{i}.{k}"]
         return cls(
             layers,
             [float(t) for t in thr],
             [None if t is None else float(t) for t in look],
             meta.get("activation", "silu"),
             meta,
-            quantized,  # type: ignore[arg-type]
         )
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from protocol.sockets import Security
-from streamer.calibrate import CalibrationSettings, calibrate, ranker_fits
+from streamer.calibrate import CalibrationSettings, ranker_fits
 from streamer.cpus import DEFAULT_CONCURRENCY, usable_cpus
 from streamer.engine import MODES as ENGINE_MODES
 from streamer.engine import Engine, dense_engine, load_engine
@@ -141,7 +143,14 @@ def calibrate_default(source: ConvertedModel) -> bool:
                 "calibrating the default model's ranker (once; `streamer calibrate default` "
                 "redoes it)"
             )
-            calibrate(source.directory, settings, progress=True)
+            # in a child process: what calibration allocates is not left in this process's
+            # RSS, which the memory plan counts as fixed overhead
+            cmd = [sys.executable, "-m", "streamer", "calibrate", str(source.directory)]
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+                raise ModelFormatError(
+                    f"calibrating {source.directory} failed (its error is above): run "
+                    "`streamer calibrate default` to see it again"
+                )
     return True
 
 
