@@ -9,8 +9,9 @@ predictor and prefetch, so that the event loop keeps receiving (and heartbeating
   neurons of its last `window` tokens' true active sets from the staged layer into the layer's
   window rows, and tells the predictor those sets (`fill`) so that its books agree.
 - A decoded token: each layer's FFN input goes to the predictor (`ffn_input`) as soon as it
-  exists; compute waits only for that layer's `rows_ready`, then computes on the window's rows
-  (and the overflow rows) with the very function the single-process engine uses.
+  exists; compute waits only for that layer's `rows_ready`, gathers the token's own rows out of
+  the window (the rows the predictor named in `take`), and computes on those and the overflow
+  rows with the very functions the single-process engine uses.
 
 The launcher pushes `dead` into the inbox when another stage dies: the running forward stops
 waiting and fails, and so does every later step of that sequence.

@@ -185,7 +185,8 @@ class PipelinePlan:
         return (
             f"pipeline: {self.memory.describe()}; windows {sl.n_layers} x {sl.capacity} rows, "
             f"overflow {sl.n_neurons - sl.capacity}, 2 staging layers of {sl.n_neurons}, in "
-            "shared memory; the fixed overhead is per process"
+            f"shared memory; compute's {sl.capacity} rows to gather a token's neurons into; the "
+            "fixed overhead is per process"
         )
 
 
