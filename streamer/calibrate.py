@@ -402,11 +402,25 @@ def ranker_fits(settings: CalibrationSettings, cfg) -> bool:
     )
 
 
-def _quantile(t: torch.Tensor, q: float) -> float:
-    """The q-quantile of t's values (at most 4M of them, evenly strided, are looked at)."""
-    flat = t.flatten()
+def _threshold(score: torch.Tensor, sparsity: float) -> float:
+    """The score a neuron must exceed to leave `sparsity` of the (token, neuron) pairs out: the
+    quantile of the scores (at most 4M of them, evenly strided, are looked at); -1 (every
+    neuron) for sparsity 0."""
+    if sparsity == 0:
+        return -1.0
+    flat = score.flatten()
     step = flat.numel() // (1 << 22) + 1
-    return float(np.quantile(flat[::step].numpy(), q))
+    return float(np.quantile(flat[::step].numpy(), sparsity))
+
+
+def _selected(score: torch.Tensor, threshold: float, gap: int) -> torch.Tensor:
+    """[T, n] scores -> the ranker's selection (`ranker.select`) of each token, as a mask."""
+    if gap == 0:
+        return score > threshold  # what select gives, without a loop over tokens
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for row, s in enumerate(score):
+        mask[row, torch.from_numpy(select(s, threshold, gap))] = True
+    return mask
 
 
 def calibrate_ranker(
@@ -443,16 +457,13 @@ def calibrate_ranker(
         x, h = _recorded(train, i, dense)
         with torch.no_grad():
             score = ranker.scores(i, x)
-            thr = -1.0 if settings.sparsity == 0 else _quantile(score, settings.sparsity)
+            thr = _threshold(score, settings.sparsity)
             ranker.thresholds.append(thr)
             ranker.lookahead_thresholds.append(None)
             if prev_x is not None:
-                ahead = ranker.scores(i, prev_x)
-                look = -1.0 if settings.sparsity == 0 else _quantile(ahead, settings.sparsity)
-                ranker.lookahead_thresholds[i - 1] = look
-            chosen = torch.zeros_like(score, dtype=torch.bool)
-            for row, s in enumerate(score):
-                chosen[row, torch.from_numpy(select(s, thr, settings.gap))] = True
+                ahead = _threshold(ranker.scores(i, prev_x), settings.sparsity)
+                ranker.lookahead_thresholds[i - 1] = ahead
+            chosen = _selected(score, thr, settings.gap)
             mass = h.float()
             per_layer.append(
                 {
@@ -466,10 +477,7 @@ def calibrate_ranker(
         del h, score, mass, chosen
 
         def selected(layer: int, x: torch.Tensor, h: torch.Tensor, i=i, t=thr) -> torch.Tensor:
-            mask = torch.zeros_like(h)
-            for row, score in enumerate(ranker.scores(i, x)):
-                mask[row, torch.from_numpy(select(score, t, settings.gap))] = 1
-            return mask
+            return _selected(ranker.scores(i, x), t, settings.gap).to(h.dtype)
 
         runs["dense"].layer(i, MaskedFFN(dense))
         runs["sparse"].layer(i, MaskedFFN(dense, mask=selected))

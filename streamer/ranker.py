@@ -44,14 +44,10 @@ def supports(d_model: int) -> bool:
 class LayerRanker:
     """One layer's 4-bit gate and up, packed for torch's CPU int4 kernel."""
 
-    def __init__(self, q: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None]) -> None:
+    def __init__(self, q: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         self.n = q["codes"].shape[0] // 2  # rows: the gate's n, then the up's n
         self.matrix = Q4Matrix(q)
-        gate_b, up_b = biases.get("gate_bias"), biases.get("up_bias")
-        self.bias = None
-        if gate_b is not None or up_b is not None:
-            zeros = torch.zeros(self.n)
-            self.bias = torch.cat([zeros if b is None else b.float() for b in (gate_b, up_b)])
+        self.bias = bias  # [2n] float32: the gate's biases, then the up's; None: no biases
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +91,13 @@ class GateRanker:
                 raise ModelFormatError("the gated ranker needs a gated FFN (gate and up)")
             q = quantize(torch.cat([w.gate, w.up]))
             quantized.append(q)
-            layers.append(LayerRanker(q, {"gate_bias": w.gate_bias, "up_bias": w.up_bias}))
+            bias = None
+            if w.gate_bias is not None or w.up_bias is not None:
+                zeros = torch.zeros(w.up.shape[0])
+                bias = torch.cat(
+                    [zeros if b is None else b.float() for b in (w.gate_bias, w.up_bias)]
+                )
+            layers.append(LayerRanker(q, bias))
         n = len(layers)
         return cls(layers, [0.0] * n, [None] * n, activation, quantized=quantized)
 
@@ -191,10 +193,7 @@ class GateRanker:
                         f"{directory / WEIGHTS_FILE}: layer {i} {k} has shape {got}, "
                         f"expected {shape}"
                     )
-            bias = tensors.get(f"layers.{i}.bias")
-            r = LayerRanker(q, {})  # type: ignore[arg-type]
-            r.bias = bias
-            layers.append(r)
+            layers.append(LayerRanker(q, tensors.get(f"layers.{i}.bias")))  # type: ignore[arg-type]
             for k in shapes:  # only the packed copy stays in DRAM
                 del tensors[f"layers.{i}.{k}"]
         return cls(

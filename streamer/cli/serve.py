@@ -24,7 +24,6 @@ from streamer.cli.common import (
 )
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
-from streamer.predictor import selection_file
 from streamer.registry import load_tokenizer, open_source, resolve_default
 from streamer.services.pipeline import serve_pipeline
 from streamer.services.server import Server, ServerSettings, default_endpoint
@@ -148,9 +147,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
 def _serve_pipeline(args: argparse.Namespace) -> int:
     config = pipeline_config(args)
     if config.model == "default":
-        source = ConvertedModel(resolve_default())
-        if selection_file(source.directory) is None:
-            calibrate_default(source)
+        calibrate_default(ConvertedModel(resolve_default()))
     torch.set_num_threads(1)  # this process only samples; the cores are compute's
 
     async def main() -> None:
