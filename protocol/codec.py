@@ -21,6 +21,7 @@ import numpy as np
 from protocol.messages import MESSAGES, Limits, Message, ProtocolError, fields_of
 
 Frame = Any  # bytes, memoryview, or a zmq.Frame (anything with the buffer protocol)
+MAX_DIM = 1 << 40  # an array dimension (one dimension 0 would let any other pass the size check)
 
 
 def encode(msg: Message) -> list[Any]:
@@ -54,9 +55,9 @@ def _check_type(kind: str, name: str, annotation: str, value: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**64
     elif annotation == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
-            ok = math.isfinite(value)
+        if ok and not math.isfinite(float(value)):
+            raise ProtocolError(f"{where} must be a finite number, got {value}")
+        value = float(value) if ok else value
     elif annotation == "str":
         ok = isinstance(value, str)
     elif annotation == "bool":
@@ -100,10 +101,7 @@ def decode(
         raise ProtocolError(
             f"{kind} header has {len(views[1])} bytes, more than {limits.max_header_bytes}"
         )
-    try:
-        header = msgpack.unpackb(views[1], raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise ProtocolError(f"{kind} header is not valid msgpack ({type(e).__name__})") from None
+    header = _unpack_header(views[1], kind)
     if (
         not isinstance(header, dict)
         or set(header) != {"f", "a"}
@@ -115,6 +113,9 @@ def decode(
     unknown = (set(plain) | set(arrays)) - set(schema)
     if unknown:
         raise ProtocolError(f"{kind} has no field(s) {sorted(map(str, unknown))[:5]}")
+    not_arrays = set(arrays) - set(cls.ARRAYS)
+    if not_arrays:
+        raise ProtocolError(f"{kind}: {sorted(not_arrays)[:5]} are not array fields")
     values: dict[str, Any] = {}
     used_frames: set[int] = set()
     for name, f in schema.items():
@@ -164,9 +165,9 @@ def _array(
     if dtype not in dtypes:
         raise ProtocolError(f"{where} must have dtype {' or '.join(dtypes)}, got {dtype[:20]!r}")
     if len(shape) != ndim or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape
     ):
-        raise ProtocolError(f"{where} must have {ndim} non-negative dimension(s)")
+        raise ProtocolError(f"{where} must have {ndim} dimension(s), each in [0, {MAX_DIM}]")
     if not 2 <= index < len(views) or index in used:
         raise ProtocolError(f"{where} refers to frame {index}, which is not an unused array frame")
     used.add(index)
@@ -180,10 +181,34 @@ def _array(
     return np.frombuffer(views[index], dtype=dtype).reshape(shape)
 
 
-def request_id_of(frames: Sequence[Frame]) -> str:
-    """Best effort, for error replies to a message `decode` refused: its request_id, or ""."""
+def _unpack_header(view: memoryview, kind: str) -> Any:
+    """The header, unpacked with msgpack's own limits (no string, list or map longer than the
+    header itself could hold; the caller has already bounded the header's size)."""
+    n = len(view)
     try:
-        header = msgpack.unpackb(_bytes(frames[1]), raw=False)
+        return msgpack.unpackb(
+            view,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"{kind} header is not valid msgpack ({type(e).__name__})") from None
+
+
+def request_id_of(frames: Sequence[Frame], limits: Limits | None = None) -> str:
+    """Best effort, for error replies to a message `decode` refused: its request_id, or "".
+    A header over the limit is not unpacked (it has no id to give)."""
+    limits = limits or Limits()
+    try:
+        view = _bytes(frames[1])
+        if len(view) > limits.max_header_bytes:
+            return ""
+        header = _unpack_header(view, "")
         request_id = header["f"]["request_id"]
         return request_id if isinstance(request_id, str) and len(request_id) <= 128 else ""
     except Exception:  # anything malformed: there is no id to give

@@ -30,8 +30,10 @@ class Limits:
 
     max_frames: int = 8
     max_frame_bytes: int = 256 << 20
-    max_header_bytes: int = 1 << 20
-    max_prompt_chars: int = 1 << 20
+    # a prompt (with its system prompt) of at most max_prompt_chars characters always fits in
+    # the header: 4 bytes a character at most in UTF-8, and 64 KiB for the other fields
+    max_prompt_chars: int = 1 << 18
+    max_header_bytes: int = (1 << 20) + (1 << 16)
     max_tokens: int = 32768
     vocab_size: int = 1 << 20
     n_layers: int = 1024

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocol.messages import ProtocolError
+from protocol.messages import Limits, ProtocolError
 
 SCHEMES = ("ipc", "tcp", "inproc")
 
@@ -76,6 +77,23 @@ def private_ipc_dir(endpoint: str) -> Path:
     return directory
 
 
+def refuse_live_ipc(endpoint: str) -> None:
+    """Refuse to bind an ipc endpoint a live socket listens on: ZeroMQ would take its file over
+    and leave the other process running, unreachable. A file nobody listens on (a process that
+    died without removing it) is taken over."""
+    path = Path(endpoint.partition("://")[2]).expanduser()
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:  # refused, or not a socket: nobody listens
+        return
+    finally:
+        probe.close()
+    raise SocketError(f"cannot bind {endpoint}: another process is serving on it")
+
+
 def make_socket(
     ctx: zmq.Context,
     kind: int,
@@ -84,13 +102,16 @@ def make_socket(
     security: Security | None = None,
     linger_ms: int = 0,
     hwm: int = 1000,
+    max_frame_bytes: int = -1,
 ) -> zmq.Socket:
-    """A configured socket, bound or connected to `endpoint`."""
+    """A configured socket, bound or connected to `endpoint`. A peer that sends a frame over
+    `max_frame_bytes` (-1: no limit) is disconnected by ZeroMQ before the frame is buffered."""
     scheme = scheme_of(endpoint)
     sock = ctx.socket(kind)
     try:
         sock.linger = linger_ms
         sock.sndhwm = sock.rcvhwm = hwm
+        sock.maxmsgsize = max_frame_bytes
         if scheme == "tcp":
             security = security or Security()
             if not security.insecure:
@@ -105,6 +126,7 @@ def make_socket(
                     sock.curve_publickey, sock.curve_secretkey = public, secret
         elif scheme == "ipc" and bind:
             private_ipc_dir(endpoint)
+            refuse_live_ipc(endpoint)
         if bind:
             sock.bind(endpoint)
         else:
@@ -133,21 +155,35 @@ class Sockets:
     """The one way our processes make sockets: a context, its sockets (`make_socket`), and the
     ZAP authenticator, started before the first tcp:// socket binds (a CURVE server admits only
     the authorized client keys). `close()` closes every socket (linger 0), stops the
-    authenticator and terminates the context; so does leaving `with`."""
+    authenticator and terminates the context; so does leaving `with`. `max_frame_bytes`: the
+    largest frame these sockets take (ZeroMQ drops a peer that sends a bigger one)."""
 
     def __init__(
-        self, security: Security | None = None, asyncio: bool = False, hwm: int = 1000
+        self,
+        security: Security | None = None,
+        asyncio: bool = False,
+        hwm: int = 1000,
+        max_frame_bytes: int = Limits().max_frame_bytes,
     ) -> None:
         self.security = security or Security()
         self.ctx: zmq.Context = zmq.asyncio.Context() if asyncio else zmq.Context()
-        self.hwm = hwm
+        self.hwm, self.max_frame_bytes = hwm, max_frame_bytes
         self.auth: ThreadAuthenticator | None = None
         self.sockets: list[zmq.Socket] = []
 
     def socket(self, kind: int, endpoint: str, bind: bool, linger_ms: int = 0) -> zmq.Socket:
         if bind and scheme_of(endpoint) == "tcp" and self.auth is None:
             self.auth = start_authenticator(self.ctx, self.security)
-        sock = make_socket(self.ctx, kind, endpoint, bind, self.security, linger_ms, self.hwm)
+        sock = make_socket(
+            self.ctx,
+            kind,
+            endpoint,
+            bind,
+            self.security,
+            linger_ms,
+            self.hwm,
+            self.max_frame_bytes,
+        )
         self.sockets.append(sock)
         return sock
 

@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import decode, encode
+from protocol.codec import decode, encode, request_id_of
 from protocol.messages import (
     MESSAGES,
     PROTOCOL_VERSION,
@@ -148,14 +148,13 @@ def tamper(msg, **changes) -> list:
         (tamper(Cancel("r"), f__color="red"), "no field"),
         (tamper(Token("r", 0, 5), f__token_id=True), "token_id must be int"),
         (tamper(Token("r", 0, 5), f__token_id=10**6), "token_id out of range"),
-        (tamper(Generate("r", prompt="x"), f__temperature=float("nan")), "must be float"),
         (tamper(Generate("r", prompt="x"), f__prompt_ids=[1]), "exactly one of prompt"),
         (tamper(Generate("r", prompt="x"), f__max_tokens=0), "max_tokens must be in"),
         (tamper(Generate("r", prompt="x"), f__top_p=2), "top_p must be in"),
         (tamper(Generate("r", prompt_ids=[1]), f__prompt_ids=[1, 10**9]), "prompt_ids must lie"),
         (tamper(EXAMPLES[10], a__x=["float64", [2, 576], 2]), "dtype float16 or float32"),
         (tamper(EXAMPLES[10], a__x=["float16", [2, 577], 2]), "needs 2308 bytes"),
-        (tamper(EXAMPLES[10], a__x=["float16", [1152], 2]), "2 non-negative dimension"),
+        (tamper(EXAMPLES[10], a__x=["float16", [1152], 2]), r"2 dimension\(s\), each in \[0, "),
         (tamper(EXAMPLES[10], a__x=["float16", [2, 576], 5]), "refers to frame 5"),
         (tamper(EXAMPLES[10], f__layer=30), "layer must be in"),
         (tamper(EXAMPLES[11], a__rows=["int32", [3], 3]), "needs 12 bytes"),
@@ -258,3 +257,98 @@ def test_schema_shaped_garbage_only_ever_raises_protocol_error(kind, plain, arra
         return
     # Whatever got through is a well-formed message: it encodes and decodes to itself.
     assert same(decode(encode(msg), LIMITS), msg)
+
+
+# --------------------------------------------------------------------------- hostile input (#15)
+
+# every array field of every kind, with the dtypes and dimensions it takes
+ARRAY_FIELDS = [(kind, name) for kind, cls in sorted(MESSAGES.items()) for name in cls.ARRAYS]
+
+
+def test_a_huge_dimension_beside_a_zero_one_is_a_protocol_error():
+    frames = [
+        b"ffn_input",
+        msgpack.packb(
+            {
+                "f": {"request_id": "r", "step": 0, "layer": 0},
+                "a": {"x": ["float32", [2**63, 0], 2]},
+            }
+        ),
+        b"",
+    ]
+    with pytest.raises(ProtocolError, match="dimension"):
+        decode(frames, LIMITS)
+
+
+DIMS = st.sampled_from([0, 1, 2**40 + 1, 2**63, 2**64 - 1]) | st.integers(0, 4096)
+
+
+@st.composite
+def hostile_array(draw):
+    """An array field's description: mostly its own dtypes and dimension count (so that the
+    decoder's later checks are reached), with dimensions from tiny to 2**64 - 1."""
+    kind, name = draw(st.sampled_from(ARRAY_FIELDS))
+    dtypes, ndim = MESSAGES[kind].ARRAYS[name]
+    dtype = draw(st.sampled_from(dtypes) | st.sampled_from(["float64", "V8", "O", "<U4"]))
+    shape = draw(
+        st.lists(DIMS, min_size=ndim, max_size=ndim)
+        | st.lists(DIMS | st.integers(-3, 8), max_size=4)
+    )
+    size = draw(st.just(0) | st.sampled_from([1, 4, 8, 2304, 4096]))
+    return (kind, name), dtype, shape, size
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile=hostile_array())
+def test_adversarial_arrays_only_ever_raise_protocol_error(hostile):
+    field, dtype, shape, size = hostile
+    kind, name = field
+    frames = encode(next(e for e in EXAMPLES if kind == e.KIND and name in e.ARRAYS))
+    header = msgpack.unpackb(frames[1])
+    others = {n: spec for n, spec in header["a"].items() if n != name}
+    header["a"] = {name: [dtype, shape, 2]}
+    hostile = [frames[0], None, b"\0" * size]
+    for n, (dt, shp, index) in others.items():  # the other arrays, valid, after it
+        header["a"][n] = [dt, shp, len(hostile)]
+        hostile.append(frames[index])
+    hostile[1] = msgpack.packb(header)
+    with contextlib.suppress(ProtocolError):
+        decode(hostile, LIMITS)
+
+
+def test_an_array_entry_for_a_plain_field_is_refused():
+    header = {"f": {"request_id": "r1", "prompt": "hi"}, "a": {"max_tokens": ["int64", [1], 2]}}
+    with pytest.raises(ProtocolError, match="not array fields"):
+        decode([b"generate", msgpack.packb(header), np.zeros(1, np.int64).tobytes()], LIMITS)
+    del header["a"]["max_tokens"]
+    header["a"]["prompt"] = ["uint8", [0], 2]  # a reference to no frame at all
+    with pytest.raises(ProtocolError, match="not array fields"):
+        decode([b"generate", msgpack.packb(header)], LIMITS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_temperature_that_is_not_finite_is_named(value):
+    frames = tamper(Generate("r1", prompt="hi"), f__temperature=value)
+    with pytest.raises(ProtocolError, match="temperature must be a finite number, got"):
+        decode(frames, LIMITS)
+
+
+def test_the_longest_prompt_fits_the_header_limit():
+    """Any prompt the prompt limit takes gets through the header limit, even in 4-byte
+    characters; one character more is refused by the prompt limit, by name."""
+    limits = Limits()
+    emoji = "\U0001f600"
+    msg = Generate("r" * 128, prompt=emoji * limits.max_prompt_chars, max_tokens=2)
+    assert decode(encode(msg), limits).prompt == msg.prompt
+    with pytest.raises(ProtocolError, match="generate.prompt is longer than"):
+        decode(encode(dataclasses.replace(msg, prompt=msg.prompt + "a")), limits)
+
+
+def test_an_oversize_header_is_not_unpacked_for_its_request_id():
+    limits = Limits()
+    header = msgpack.packb(
+        {"f": {"request_id": "r7", "prompt": "a" * limits.max_header_bytes}, "a": {}}
+    )
+    assert request_id_of([b"generate", header], limits) == ""
+    small = msgpack.packb({"f": {"request_id": "r7", "prompt": "a"}, "a": {}})
+    assert request_id_of([b"generate", small], limits) == "r7"
