@@ -39,7 +39,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
     """logits: [vocab] -> one token id."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # Shifted so that the best logit is 0: a tiny temperature then sends the others to -inf
+    # (probability 0) instead of every logit to +-inf (NaN), and sampling becomes greedy.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).

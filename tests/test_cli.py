@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -242,3 +243,25 @@ def test_probe_disk_prints_a_table(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[-2].split()[0] == "4Ki" and lines[-1].split()[0] == "64Ki"
     assert all(float(v) > 0 for v in lines[-1].split()[1:])
+
+
+@pytest.mark.parametrize(
+    "endpoint,message",
+    [
+        ("http://127.0.0.1:8000", "must be ipc://PATH, tcp://HOST:PORT"),
+        ("tcp://127.0.0.1:{busy}", "Address already in use"),
+    ],
+)
+def test_serve_refuses_a_bad_endpoint_before_it_loads_the_model(endpoint, message, tmp_path):
+    """The endpoint is bound first: the error is the endpoint's (the model, which does not
+    exist, is never opened), in one line, with exit status 2."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = endpoint.format(busy=busy.getsockname()[1])
+        proc = streamer(
+            "serve", str(tmp_path / "no-model"), "--endpoint", endpoint, "--insecure", check=False
+        )
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr

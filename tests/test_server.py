@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import anyio
+import msgpack
 import pytest
 import torch
 import zmq
@@ -221,3 +222,128 @@ async def test_an_endpoint_others_can_reach_is_refused(hf_model, tmp_path):
     with pytest.raises(SocketError, match="mode 0700"):
         await server.serve()
     assert not (shared / "x").exists()
+
+
+# --------------------------------------------------------------------------- hostile input (#15)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("temperature", [1e-40, 1.1e-307])
+async def test_a_tiny_temperature_is_greedy(served, temperature):
+    endpoint, start, expected = served
+    async with anyio.create_task_group() as tg:
+        await start(tg)
+        async with Client(endpoint, timeout=30) as client:
+            done = await collect(
+                client, prompt_ids=[5, 17], max_tokens=4, temperature=temperature, ignore_eos=True
+            )
+            assert done.token_ids == expected([5, 17], 4)  # greedy's tokens
+        tg.cancel_scope.cancel()
+
+
+class PlantedBug:
+    """The engine with a bug planted: a prompt that starts with token 13 raises a plain
+    RuntimeError, as a bug anywhere in the engine or the sampler would."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward(self, tokens, cache, last_only=False):
+        if int(tokens[0]) == 13 and cache.length == 0:
+            raise RuntimeError("planted bug")
+        return self.engine.forward(tokens, cache, last_only)
+
+
+@pytest.mark.asyncio
+async def test_a_bug_met_by_one_request_is_its_error_and_serving_goes_on(served, hf_model, caplog):
+    endpoint, _, expected = served
+    source = HFSource(hf_model("llama"))
+    engine = PlantedBug(dense_engine(source, torch.float32, 128))
+    server = Server(engine, source.tokenizer().build(), ServerSettings(endpoint), stop_ids=())
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        async with Client(endpoint, timeout=30) as client:
+            with pytest.raises(ClientError, match=r"internal error \(RuntimeError: planted bug\)"):
+                await collect(client, prompt_ids=[13, 2], max_tokens=3)
+            done = await collect(
+                client, prompt_ids=[5, 17], max_tokens=3, temperature=0, ignore_eos=True
+            )
+            assert done.token_ids == expected([5, 17], 3)
+        tg.cancel_scope.cancel()
+    assert server.counts["failed"] == 1
+    assert "planted bug" in caplog.text and "Traceback" in caplog.text
+
+
+CLIENT_THAT_DIES = """
+import sys, anyio
+from streamer.services.client import Client
+async def main():
+    async with Client(sys.argv[1], timeout=30) as c:
+        async for event in c.generate(prompt_ids=[1, 2], max_tokens=2000, ignore_eos=True):
+            print("token", flush=True)
+            await anyio.sleep(3600)  # killed here, in the middle of its request
+anyio.run(main)
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_client_killed_mid_request_has_its_request_cancelled(served):
+    endpoint, start, expected = served
+    async with anyio.create_task_group() as tg:
+        server = await start(tg)
+        proc = await anyio.open_process([sys.executable, "-c", CLIENT_THAT_DIES, endpoint])
+        try:
+            with anyio.fail_after(60):
+                async for line in proc.stdout:
+                    assert line.startswith(b"token")
+                    break
+        finally:
+            proc.kill()
+            await proc.wait()
+        with anyio.fail_after(10):  # 2000 tokens would take longer than the client's death
+            while server.counts["abandoned"] == 0 or server.jobs:
+                await anyio.sleep(0.02)
+        assert server.counts["cancelled"] == 1 and server.counts["done"] == 0
+        async with Client(endpoint, timeout=30) as client:
+            done = await collect(client, prompt_ids=[3], max_tokens=2, temperature=0)
+            assert done.token_ids == expected([3], 2)
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_an_oversize_frame_drops_its_sender_and_others_are_served(served):
+    """The front end's socket takes no frame bigger than the header limit: ZeroMQ drops the
+    sender (no reply, nothing unpacked) and another client is answered."""
+    endpoint, start, expected = served
+    async with anyio.create_task_group() as tg:
+        server = await start(tg)
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.connect(endpoint)
+        try:
+            header = msgpack.packb({"f": {"request_id": "big"}, "a": [None] * (2 << 20)})
+            await raw.send_multipart([b"generate", header])
+            async with Client(endpoint, timeout=30) as client:
+                done = await collect(client, prompt_ids=[3], max_tokens=2, temperature=0)
+                assert done.token_ids == expected([3], 2)
+            assert await raw.poll(500) == 0  # no reply: the frame never reached the server
+            assert server.counts["refused"] == 0
+        finally:
+            raw.close(linger=0)
+            ctx.term()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_second_server_on_a_live_endpoint_is_refused(served):
+    endpoint, start, _ = served
+    async with anyio.create_task_group() as tg:
+        await start(tg)
+        with pytest.raises(SocketError, match="another process is serving on it"):
+            await start(tg)
+        async with Client(endpoint, timeout=30) as client:  # the first still serves
+            assert client.welcome.vocab_size == 320
+        tg.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 
 import pytest
@@ -101,3 +102,29 @@ def test_key_files(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o700
     for name in ("server_secret", "client_secret"):
         assert stat.S_IMODE(os.stat(made[name]).st_mode) == 0o600
+
+
+def test_a_live_ipc_endpoint_is_refused_and_a_dead_ones_file_taken_over(ctx, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    endpoint = f"ipc://{run}/front.sock"
+    first = make_socket(ctx, zmq.ROUTER, endpoint, bind=True)
+    other = zmq.Context()  # as another process would (one context refuses by itself)
+    with pytest.raises(SocketError, match="another process is serving on it"):
+        make_socket(other, zmq.ROUTER, endpoint, bind=True)
+    other.term()
+    client = make_socket(ctx, zmq.DEALER, endpoint, bind=False)
+    assert exchange(first, client)  # the first still serves
+    first.close(linger=0)
+    client.close(linger=0)
+    # A socket file nobody listens on (its process was killed): the next server takes it.
+    left = run / "left.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(left))
+    dead.close()
+    assert left.exists()
+    second = make_socket(ctx, zmq.ROUTER, f"ipc://{left}", bind=True)
+    client = make_socket(ctx, zmq.DEALER, f"ipc://{left}", bind=False)
+    assert exchange(second, client)
+    second.close(linger=0)
+    client.close(linger=0)

@@ -54,7 +54,7 @@ class RemoteEngine:
     ) -> None:
         self.cfg, self.mode, self.limits = cfg, mode, limits
         self.telemetry = Telemetry(ffn_bytes)
-        self.sockets = Sockets(security)
+        self.sockets = Sockets(security, max_frame_bytes=limits.max_frame_bytes)
         self.out = self.sockets.socket(zmq.PUSH, endpoints["compute"], False)
         self.inbox = self.sockets.socket(zmq.PULL, endpoints["results"], True)
         self.ready = threading.Event()

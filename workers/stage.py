@@ -71,7 +71,12 @@ class StageContext(Sockets):
     """A stage's ZeroMQ context and sockets, named by link; closes them all (linger 0)."""
 
     def __init__(self, spec: StageSpec, asyncio: bool = True) -> None:
-        super().__init__(spec.security, asyncio=asyncio, hwm=100_000)
+        super().__init__(
+            spec.security,
+            asyncio=asyncio,
+            hwm=100_000,
+            max_frame_bytes=spec.limits.max_frame_bytes,
+        )
         self.spec = spec
 
     def link(self, kind: int, name: str, bind: bool) -> zmq.Socket:
@@ -90,6 +95,9 @@ def poll_message(
     except ProtocolError as e:
         log.warning("%s: refused a message: %s", who, e)
         return None
+    except Exception:  # a decoder bug met by one message: logged, and the stage goes on
+        log.exception("%s: decoding a message failed", who)
+        return None
 
 
 async def send(sock, msg) -> None:
@@ -106,6 +114,9 @@ async def receive(sock, spec: StageSpec, accept: tuple[str, ...], health):
         except ProtocolError as e:
             log.warning("%s: refused a message: %s", spec.name, e)
             await send(health, Error("", "bad_message", f"{spec.name}: {e}"))
+        except Exception as e:  # a decoder bug met by one message: logged, the stage goes on
+            log.exception("%s: decoding a message failed", spec.name)
+            await send(health, Error("", "bad_message", f"{spec.name}: {type(e).__name__}"))
 
 
 async def heartbeats(health, spec: StageSpec) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+from functools import partial
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
 from streamer.registry import load_tokenizer, open_source, resolve_default
 from streamer.services.pipeline import serve_pipeline
-from streamer.services.server import Server, ServerSettings, default_endpoint
+from streamer.services.server import Server, ServerSettings, bind, default_endpoint
 from workers.config import PipelineConfig
 from workers.launcher import run_remote_stage
 
@@ -95,20 +96,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if context < 2:
         raise ConfigError(f"context must be at least 2, got {context}", "context")
     set_threads(args.threads)
-    source = open_source(args.model)
-    tokenizer = load_tokenizer(source, args.model)
-    engine = open_engine(args, source, context)
-    settings = ServerSettings(
-        args.endpoint or default_endpoint(),
-        security(args),
-        model_name=source.description,
-        context=context,
-    )
+    settings = ServerSettings(args.endpoint or default_endpoint(), security(args), context=context)
+    bound = bind(settings)  # first: a bad or busy endpoint is refused before the model loads
+    try:
+        source = open_source(args.model)
+        tokenizer = load_tokenizer(source, args.model)
+        engine = open_engine(args, source, context)
+    except BaseException:
+        bound.close()
+        raise
+    settings.model_name = source.description
     server = Server(engine, tokenizer, settings)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            endpoint = await tg.start(server.serve)
+            endpoint = await tg.start(partial(server.serve, bound=bound))
             print(f"ready {endpoint}", flush=True)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
