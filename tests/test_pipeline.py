@@ -37,7 +37,13 @@ from streamer.sources import HFSource
 from tests.helpers import collect
 from tests.models import make_sparse_opt
 from workers.config import LINKS, STAGES, PipelineConfig, plan_pipeline
-from workers.launcher import run_remote_stage
+from workers.launcher import (
+    PID_FILE,
+    RUN_DIR_PREFIX,
+    SHM_PREFIX,
+    reclaim_leftovers,
+    run_remote_stage,
+)
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 12]
 
@@ -604,3 +610,27 @@ def test_remote_stages_need_every_endpoint_and_frames(tmp_path):
         PipelineConfig(remote=["frontend"], endpoints=eps)
     with pytest.raises(ConfigError, match="does not list 'prefetch' in remote"):
         run_remote_stage("prefetch", PipelineConfig(remote=["compute"], endpoints=eps))
+
+
+def test_a_dead_launchers_leftovers_are_reclaimed_and_a_live_ones_kept(tmp_path):
+    """What a launcher killed with -9 leaves (its shared memory file, its run directory) is
+    removed by the next one; what a live launcher owns is not."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a process that no longer exists
+    shm, tmp = tmp_path / "shm", tmp_path / "tmp"
+    shm.mkdir()
+    tmp.mkdir()
+    kept, removed = [], []
+    for pid, bucket in ((gone.pid, removed), (os.getpid(), kept)):
+        rows = shm / f"{SHM_PREFIX}{pid}-0a1b2c3d.rows"
+        rows.write_bytes(b"\0" * 4096)
+        run = tmp / f"{RUN_DIR_PREFIX}{pid}x"
+        run.mkdir()
+        (run / PID_FILE).write_text(str(pid))
+        (run / "compute.sock").touch()
+        bucket += [rows, run]
+    unrelated = tmp / f"{RUN_DIR_PREFIX}notes"  # no pid file: not a run directory
+    unrelated.mkdir()
+    reclaim_leftovers(shm, tmp)
+    assert not any(p.exists() for p in removed)
+    assert all(p.exists() for p in kept) and unrelated.exists()

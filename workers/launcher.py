@@ -72,6 +72,9 @@ from workers.stage import StageSpec
 
 log = logging.getLogger("launcher")
 MODULES = {"predictor": predictor, "prefetch": prefetch, "compute": compute}
+SHM_PREFIX = "streamer-"  # then the launcher's pid: streamer-PID-RANDOM.rows
+RUN_DIR_PREFIX = "streamer-"  # a run directory made by a launcher, with its pid in PID_FILE
+PID_FILE = "launcher.pid"
 
 
 @dataclass
@@ -145,24 +148,26 @@ class Pipeline:
         if self.processes:
             check_cpus(config, [n for n in STAGES if n not in config.remote])
         self.tokenizer = load_tokenizer(model)  # before anything is made: a clear error
+        reclaim_leftovers(Path(config.shm_dir), Path(tempfile.gettempdir()))
         if config.run_dir:
             run_dir = Path(config.run_dir)
         else:
-            run_dir = self._made_run_dir = Path(tempfile.mkdtemp(prefix="streamer-"))
+            run_dir = self._made_run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+            (run_dir / PID_FILE).write_text(str(os.getpid()))
         endpoints = self._endpoints(run_dir)
         security = security_of(config)
-        shm_path = Path(config.shm_dir) / f"streamer-{os.getpid()}-{uuid.uuid4().hex[:8]}.rows"
+        shm_path = Path(config.shm_dir) / f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.rows"
         frames = self._frames(endpoints)
         if frames:
             log.info("weights: rows travel as zero-copy frames (no shared memory)")
-        sockets = Sockets(security, asyncio=True)
+        limits = stage_limits(config, plan)
+        sockets = Sockets(security, asyncio=True, max_frame_bytes=limits.max_frame_bytes)
         try:
             if not frames:
                 self.shm = SharedRows(shm_path, plan.shared, create=True)
             health = sockets.socket(zmq.PULL, endpoints["health"], True)
             to_compute = sockets.socket(zmq.PUSH, endpoints["compute"], False)
             mode = "pipeline-serial" if config.serial else "pipeline"
-            limits = stage_limits(config, plan)
             self.engine = RemoteEngine(
                 cfg,
                 endpoints,
@@ -329,6 +334,44 @@ class Pipeline:
             p.join(max(deadline - time.monotonic(), 0.01))
         for p in procs:
             _kill(p)
+
+
+def reclaim_leftovers(shm_dir: Path, tmp_dir: Path) -> None:
+    """Remove what launchers killed before their cleanup left: shared memory files (named by
+    the launcher's pid) and run directories (holding its pid in PID_FILE), where that process
+    is gone. What a live process owns, or another user's, is never touched."""
+    for path in shm_dir.glob(f"{SHM_PREFIX}*-*.rows"):
+        pid = path.name[len(SHM_PREFIX) :].partition("-")[0]
+        if _left_by_dead(path, pid):
+            path.unlink(missing_ok=True)
+    for directory in tmp_dir.glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            pid = (directory / PID_FILE).read_text().strip()
+        except OSError:  # not a run directory, or not ours
+            continue
+        if _left_by_dead(directory, pid):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _left_by_dead(path: Path, pid: str) -> bool:
+    try:
+        mine = path.stat().st_uid == os.getuid()
+    except OSError:  # gone already (another launcher reclaimed it)
+        return False
+    if not (mine and pid.isdigit()) or _alive(int(pid)):
+        return False
+    log.info("removing %s, left by launcher %s, which is gone", path, pid)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
