@@ -124,6 +124,12 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ModelFormatError(f"model config: unknown fields {sorted(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], str(f.type)):
+                raise ModelFormatError(
+                    f"model config: {f.name} must be {_TYPE_WORDS.get(str(f.type), f.type)}, "
+                    f"got {d[f.name]!r:.40}"
+                )
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         try:
@@ -330,3 +336,32 @@ def from_gguf_metadata(meta: dict[str, Any], has_output: bool) -> ModelConfig:
         )
     except KeyError as e:
         raise ModelFormatError(f"GGUF metadata lacks {e.args[0]!r}") from None
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "int | None": "an integer or null",
+    "dict[str, Any] | None": "an object or null",
+    "tuple[int, ...]": "a list of integers",
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a config field's annotation (a config read from a file)."""
+    checks = {
+        "int": _is_int,
+        "float": lambda v: _is_int(v) or isinstance(v, float),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "int | None": lambda v: v is None or _is_int(v),
+        "dict[str, Any] | None": lambda v: v is None or isinstance(v, dict),
+        "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)),
+    }
+    return checks[annotation](value)

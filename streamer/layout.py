@@ -153,7 +153,44 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: format version {m.get('format_version')!r}; this engine "
             f"reads version {FORMAT_VERSION} (convert the model again)"
         )
+    for name, kind in MANIFEST_FIELDS.items():
+        _manifest_field(path, m, name, kind)
+    for i, layer in enumerate(m["layers"]):
+        for name, kind in LAYER_FIELDS.items():
+            _manifest_field(path, layer, name, kind, f"layers[{i}].")
     return m
+
+
+# What the engine and `verify` read from a manifest, with its JSON type: checked when a model
+# is opened, so that a damaged manifest is one line naming the field.
+MANIFEST_FIELDS: dict[str, type] = {
+    "source": dict,
+    "source.fingerprint": str,
+    "config": dict,
+    "dtype": str,
+    "bundle": dict,
+    "layers": list,
+    "resident": dict,
+    "resident.bytes": int,
+    "resident.sha256": str,
+}
+LAYER_FIELDS: dict[str, type] = {"offset": int, "bytes": int, "sha256": str}
+
+
+def _manifest_field(path: Path, m: Any, name: str, kind: type, prefix: str = "") -> None:
+    value = m
+    for key in name.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ModelFormatError(f"{path}: the field {prefix}{name} is missing")
+        value = value[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ModelFormatError(
+            f"{path}: the field {prefix}{name} must be a JSON {_JSON_NAMES[kind]}, "
+            f"got {value!r:.40}"
+        )
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
 
 
 class ConvertedModel:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
+from streamer.cli import main
 from streamer.convert import convert, verify
 from streamer.errors import ModelFormatError
 from streamer.layout import ALIGN, ConvertedModel
@@ -178,3 +180,33 @@ def test_missing_model_path_is_named(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"nope" * 10)
     with pytest.raises(ModelFormatError, match="not a GGUF file"):
         open_source(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda m: m.pop("resident"), "the field resident is missing"),
+        (lambda m: m["resident"].pop("bytes"), "the field resident.bytes is missing"),
+        (lambda m: m.update(layers={}), "the field layers must be a JSON array"),
+        (lambda m: m["layers"][1].update(offset="0"), "layers[1].offset must be a JSON integer"),
+        (lambda m: m["config"].update(d_ffn="64"), "d_ffn must be an integer, got '64'"),
+        (lambda m: m["config"].update(gated=1), "gated must be true or false"),
+        (lambda m: m["config"].update(eos_token_ids=[1.5]), "eos_token_ids must be a list"),
+    ],
+)
+def test_a_damaged_manifest_is_one_line_naming_the_field(
+    damage, message, hf_model, tmp_path, capsys
+):
+    out = convert(HFSource(hf_model("llama")), tmp_path / "m", progress=False).directory
+    m = json.loads((out / "manifest.json").read_text())
+    damage(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match=re.escape(message)):
+        ConvertedModel(out)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("FAIL") and message in said[0]
+    assert main(["generate", str(out), "--prompt", "hi"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and message in said[0]
