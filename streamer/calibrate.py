@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from streamer.errors import ConfigError
-from streamer.layout import ConvertedModel, parse_dtype
+from streamer.layout import ConvertedModel, parse_dtype, record_selection
 from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forward
 from streamer.predictor import META_FILE as PREDICTOR_META
 from streamer.predictor import WEIGHTS_FILE as PREDICTOR_WEIGHTS
@@ -360,6 +360,7 @@ def calibrate(
     }
     preds.save(directory)
     _remove(directory, (RANKER_WEIGHTS, RANKER_META))
+    record_selection(directory, (PREDICTOR_WEIGHTS, PREDICTOR_META))
     return preds.meta
 
 
@@ -499,4 +500,5 @@ def calibrate_ranker(
     }
     ranker.save(directory, ranker_fingerprint(source.manifest))
     _remove(directory, (PREDICTOR_WEIGHTS, PREDICTOR_META))
+    record_selection(directory, (RANKER_WEIGHTS, RANKER_META))
     return ranker.meta

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -26,14 +28,19 @@ from streamer.layout import (
     FORMAT_VERSION,
     MANIFEST,
     RESIDENT_FILE,
+    SUMS_FILE,
     BundleLayout,
+    BundleSums,
     ConvertedModel,
     dtype_name,
     parse_dtype,
     read_manifest,
+    selection_problems,
     sha256_file,
 )
 from streamer.sources import Source
+
+log = logging.getLogger(__name__)
 
 
 def source_fingerprint(source: Source) -> str:
@@ -71,6 +78,9 @@ def convert(
                 old = read_manifest(out)
             except ModelFormatError:
                 old = {}
+                if older_format(out):  # our own output, from an older engine: replaced
+                    log.info("%s holds an older format; converting it again", out)
+                    force = True
             same = (
                 old.get("source", {}).get("fingerprint") == fingerprint
                 and old.get("dtype") == dtype
@@ -117,13 +127,14 @@ def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, prog
             bar.update(1)
         save_file(resident, str(tmp / RESIDENT_FILE), metadata={"format": FORMAT})
         del resident
-        layers = []
+        layers, sums = [], []
         bar.set_postfix_str("ffn bundles")
         with (tmp / FFN_FILE).open("wb") as f:
             for i in range(cfg.n_layers):
                 records = layout.pack(source.ffn(i)).numpy()
                 assert f.tell() == layout.layer_offsets[i]
                 f.write(memoryview(records))
+                sums.append(BundleSums.of_layer(layout, records))
                 layers.append(
                     {
                         "offset": layout.layer_offsets[i],
@@ -133,6 +144,7 @@ def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, prog
                     }
                 )
                 bar.update(1)
+    np.concatenate(sums).astype("<u8").tofile(tmp / SUMS_FILE)
     spec = source.tokenizer()
     if spec is not None:
         spec.save(tmp)
@@ -150,6 +162,7 @@ def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, prog
             "bytes": (tmp / RESIDENT_FILE).stat().st_size,
             "sha256": sha256_file(tmp / RESIDENT_FILE),
         },
+        "sums": {"file": SUMS_FILE, "hash": "xxh3_64", "sha256": sha256_file(tmp / SUMS_FILE)},
         "tokenizer": spec is not None,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -167,12 +180,28 @@ def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
     res = m["resident"]
     if sha256_file(directory / RESIDENT_FILE) != res["sha256"]:
         problems.append(f"{RESIDENT_FILE}: checksum mismatch")
+    if sha256_file(directory / SUMS_FILE) != m["sums"]["sha256"]:
+        problems.append(f"{SUMS_FILE}: checksum mismatch")
     for i, layer in enumerate(tqdm(m["layers"], desc="verify", unit="layer", disable=not progress)):
         if sha256_file(model.ffn_path, layer["offset"], layer["bytes"]) != layer["sha256"]:
             problems.append(
                 f"{FFN_FILE}: layer {i} checksum mismatch (bytes {layer['offset']}"
                 f"..{layer['offset'] + layer['bytes']})"
             )
+    problems += selection_problems(directory, m)
     if m.get("tokenizer") and not (directory / "tokenizer.json").is_file():
         problems.append("tokenizer.json is missing")
     return problems
+
+
+def older_format(directory: Path) -> bool:
+    """Whether the directory holds this engine's conversion in an older format version."""
+    try:
+        m = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(m, dict)
+        and m.get("format") == FORMAT
+        and m.get("format_version") != FORMAT_VERSION
+    )

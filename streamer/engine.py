@@ -113,11 +113,13 @@ class FlashFFN:
         cfg, lay = model.config, model.layout
         self.cfg, self.layout, self.mode, self.dtype = cfg, lay, mode, dtype
         self.reader, self.telemetry, self.predictors = reader, telemetry, predictors
+        self.sums = model.sums  # every bundle read is checked against its checksum
         self.act = ACTIVATION_FNS[cfg.activation]
         # The FFN math runs in the stored dtype, on the rows as read; the rest of the model in
         # `dtype`.
         self.biases = ffn_biases(resident or {}, cfg.n_layers, lay.dtype)
         n = cfg.d_ffn
+        self.all_ids = np.arange(n)
         if mode in ("naive", "hybrid"):
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
             return
@@ -166,6 +168,7 @@ class FlashFFN:
         stats, read, cache = LayerStats(layer), ReadStats(), self.caches[layer]
         offset = self.layout.layer_offsets[layer]
         self.reader.read(self.reader.chunked(offset, self.scratch.view(-1)), read)
+        self._check(stats, layer, (self.all_ids, self.scratch))
         out, sets = prefill_ffn(
             x.to(self.layout.dtype),
             layer_weights(self.layout, self.scratch, self.biases[layer]),
@@ -175,17 +178,27 @@ class FlashFFN:
         )
         t0 = time.perf_counter()
         cache.fill(sets, self.scratch)
-        stats.mem_ms = (time.perf_counter() - t0) * 1e3
+        stats.mem_ms += (time.perf_counter() - t0) * 1e3
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded, stats.cached = self.cfg.d_ffn, cache.count
         self.telemetry.layers.append(stats)
         return out.to(self.dtype)
+
+    def _check(self, stats: LayerStats, layer: int, *parts: tuple[np.ndarray, torch.Tensor]):
+        """Check the bundles just read (ids, their rows) against their checksums."""
+        t0 = time.perf_counter()
+        for ids, rows in parts:
+            self.sums.check(layer, ids, rows)
+        ms = (time.perf_counter() - t0) * 1e3
+        stats.check_ms += ms
+        stats.mem_ms += ms
 
     def _whole_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         stats = LayerStats(layer)
         read = ReadStats()
         offset = self.layout.layer_offsets[layer]
         self.reader.read(self.reader.chunked(offset, self.staging.view(-1)), read)
+        self._check(stats, layer, (self.all_ids, self.staging))
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
@@ -246,6 +259,7 @@ class FlashFFN:
                 self.reader.read(reqs, read)
         stats.bytes_read, stats.reads = read.bytes, read.reads
         stats.io_ms, stats.mem_ms = read.seconds * 1e3, mem * 1e3
+        self._check(stats, layer, (plan.load, new_rows), (plan.overflow, over_rows))
         stats.predicted, stats.hits, stats.loaded = (
             len(active),
             plan.hits,
@@ -410,10 +424,13 @@ def load_engine(
             # naive and hybrid: one layer's staging; the sparse modes: one whole layer of
             # scratch (a prompt's layer, a token's overflow) beside the window caches
             scratch_rows=cfg.d_ffn,
-            # the window mode's landing area for its unbundled reads
-            extra=VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
-            if mode == "window"
-            else 0,
+            # the bundles' checksums; the window mode's landing area for its unbundled reads
+            extra=model.sums.nbytes
+            + (
+                VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
+                if mode == "window"
+                else 0
+            ),
         )
         if mode in SPARSE_MODES:
             plan_memory(plan, cfg.d_ffn, f"mode {mode}")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 
 from streamer.config import ModelConfig
@@ -36,10 +37,11 @@ from streamer.sources import ffn_from_resident, resident_names
 from streamer.tokenizer import TokenizerSpec
 
 FORMAT = "streamer-flash"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ffn.sums, a checksum per bundle
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
+SUMS_FILE = "ffn.sums"  # xxh3-64 of each bundle's record (without padding), uint64 [layers, n]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -173,6 +175,8 @@ MANIFEST_FIELDS: dict[str, type] = {
     "resident": dict,
     "resident.bytes": int,
     "resident.sha256": str,
+    "sums": dict,
+    "sums.sha256": str,
 }
 LAYER_FIELDS: dict[str, type] = {"offset": int, "bytes": int, "sha256": str}
 
@@ -221,6 +225,7 @@ class ConvertedModel:
         for name, size in (
             (FFN_FILE, self.layout.file_bytes),
             (RESIDENT_FILE, m["resident"]["bytes"]),
+            (SUMS_FILE, self.config.n_layers * self.layout.n_neurons * 8),
         ):
             path = self.directory / name
             actual = path.stat().st_size if path.exists() else None
@@ -231,6 +236,7 @@ class ConvertedModel:
                     "`streamer verify`)"
                 )
         self.ffn_path = self.directory / FFN_FILE
+        self.sums = BundleSums.load(self.directory / SUMS_FILE, self.layout, self.config.n_layers)
         # What a DRAM budget's percentage is of: the weights, without the bundles' padding.
         ffn_bytes = self.config.n_layers * self.config.d_ffn * self.layout.record_bytes
         self.model_bytes = m["resident"]["bytes"] + ffn_bytes
@@ -257,7 +263,9 @@ class ConvertedModel:
         arr = np.fromfile(
             self.ffn_path, dtype=np.uint8, count=lay.layer_bytes, offset=lay.layer_offsets[layer]
         )
-        return torch.from_numpy(arr).view(lay.n_neurons, lay.stride)
+        records = torch.from_numpy(arr).view(lay.n_neurons, lay.stride)
+        self.sums.check(layer, np.arange(lay.n_neurons), records)
+        return records
 
     def ffn(self, layer: int) -> FFNWeights:
         parts = self.layout.unpack(self.read_layer(layer))
@@ -272,3 +280,76 @@ class ConvertedModel:
 
     def tokenizer(self) -> TokenizerSpec | None:
         return TokenizerSpec.from_hf_dir(self.directory)
+
+
+def record_selection(directory: Path, files: tuple[str, ...]) -> None:
+    """Note in the manifest the files calibration wrote, with their sha256 (replacing what an
+    earlier calibration noted), so that `verify` and loading find them missing or changed."""
+    m = read_manifest(directory)
+    m["selection"] = {name: sha256_file(directory / name) for name in files}
+    tmp = directory / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(m, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def selection_problems(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """The calibration files the manifest notes that are missing or changed."""
+    problems = []
+    for name, digest in manifest.get("selection", {}).items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing (calibrate the model again)")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: checksum mismatch (calibrate the model again)")
+    return problems
+
+
+class CorruptData(ModelFormatError):
+    """Bytes read from flash that do not match their checksum."""
+
+
+@dataclass
+class BundleSums:
+    """Each bundle's checksum (xxh3-64 of its record, without the padding), written by the
+    converter and checked on every read: corrupt flash is an error naming the layer and the
+    neuron, never output. Hand-written around `xxhash` because the checks run per bundle on
+    the read path, where a library call per bundle is the whole cost."""
+
+    sums: np.ndarray  # uint64 [n_layers, n_neurons]
+    record_bytes: int
+    stride: int
+
+    @classmethod
+    def of_layer(cls, layout: BundleLayout, records: np.ndarray) -> np.ndarray:
+        """A layer's records [n, stride] (uint8) -> their checksums [n] (uint64)."""
+        rb = layout.record_bytes
+        return np.fromiter(
+            (xxhash.xxh3_64_intdigest(row[:rb]) for row in records), np.uint64, len(records)
+        )
+
+    @classmethod
+    def load(cls, path: Path, layout: BundleLayout, n_layers: int) -> BundleSums:
+        sums = np.fromfile(path, dtype="<u8").reshape(n_layers, layout.n_neurons)
+        return cls(sums, layout.record_bytes, layout.stride)
+
+    @property
+    def nbytes(self) -> int:
+        return self.sums.nbytes
+
+    def check(
+        self, layer: int, ids: np.ndarray, rows: torch.Tensor, at: np.ndarray | None = None
+    ) -> None:
+        """rows[at[i]] (default rows[i]) holds the bundle of neuron ids[i] of `layer`, as
+        read; CorruptData if any does not match its checksum."""
+        if len(ids) == 0:
+            return
+        data = memoryview(rows.numpy()).cast("B")
+        rb, stride, want = self.record_bytes, self.stride, self.sums[layer]
+        digest = xxhash.xxh3_64_intdigest
+        where = range(len(ids)) if at is None else np.asarray(at).tolist()
+        for i, neuron in zip(where, np.asarray(ids).tolist(), strict=True):
+            if digest(data[i * stride : i * stride + rb]) != want[neuron]:
+                raise CorruptData(
+                    f"{FFN_FILE}: layer {layer} neuron {neuron} does not match its checksum: "
+                    "the data on flash is corrupt (run `streamer verify`, then convert again)"
+                )

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from streamer.errors import ConfigError, ModelFormatError
+from streamer.layout import selection_problems
 from streamer.ranker import META_FILE as RANKER_META
 from streamer.ranker import WEIGHTS_FILE as RANKER_WEIGHTS
 from streamer.ranker import GateRanker, fingerprint
@@ -311,6 +312,9 @@ def load_selection(
 ) -> Selection:
     """What `streamer calibrate` wrote for the model in `directory`: the gated ranker (checked
     against the model's fingerprint) or the low-rank predictors."""
+    problems = selection_problems(directory, manifest)
+    if problems:
+        raise ModelFormatError(f"{directory}: {problems[0]}")
     if (directory / RANKER_META).is_file():
         return GateRanker.load(
             directory, cfg.d_model, cfg.d_ffn, cfg.n_layers, fingerprint(manifest)

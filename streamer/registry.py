@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from streamer.convert import convert
+from streamer.convert import convert, older_format
 from streamer.errors import ModelFormatError
 from streamer.layout import MANIFEST, ConvertedModel
 from streamer.sources import GGUFSource, HFSource, Source
@@ -62,15 +62,21 @@ def default_dir() -> Path:
 def resolve_default(progress: bool = True) -> Path:
     """The converted default model's directory, converting it first if needed."""
     out = default_dir()
-    if (out / MANIFEST).is_file():
+    if _current(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f".{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / MANIFEST).is_file():  # another process may have finished it meanwhile
+        if not _current(out):  # another process may have finished it meanwhile
             log.info("converting the default model (%s) into %s (once)", DEFAULT_NAME, out)
             convert(GGUFSource(default_gguf()), out, progress=progress)
     return out
+
+
+def _current(directory: Path) -> bool:
+    """Whether the directory holds a conversion in this engine's format (an older one is
+    converted again: it is derived data)."""
+    return (directory / MANIFEST).is_file() and not older_format(directory)
 
 
 def open_source(spec: str | os.PathLike, **default_kwargs: Any) -> Source:

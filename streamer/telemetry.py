@@ -43,6 +43,7 @@ class LayerStats:
     cached: int = 0
     io_ms: float = 0.0
     mem_ms: float = 0.0
+    check_ms: float = 0.0  # part of mem_ms: the bundles' checksums
 
 
 class Telemetry:
@@ -76,6 +77,7 @@ class Telemetry:
             **{k: sum(getattr(s, k) for s in self.layers) for k in (*COUNTERS[2:], "cached")},
             "io_ms": round(io_ms, 3),
             "mem_ms": round(mem_ms, 3),
+            "check_ms": round(sum(s.check_ms for s in self.layers), 3),
             "compute_ms": round(total_ms - io_ms - mem_ms, 3),
             "total_ms": round(total_ms, 3),
             "layers": [_rounded(vars(s)) for s in self.layers],
@@ -87,7 +89,9 @@ class Telemetry:
         """Totals of the run, the prompt's step on its own (prefill streams whole layers), and
         per-token means over the decode steps (one token each)."""
         keys = SUMMARY_KEYS + tuple(
-            k for k in PIPELINE_KEYS if self.steps and all(k in s for s in self.steps)
+            k
+            for k in (*PIPELINE_KEYS, "check_ms")
+            if self.steps and all(k in s for s in self.steps)
         )
         out: dict[str, Any] = {k: round(sum(s[k] for s in self.steps), 3) for k in keys}
         out["ffn_bytes"] = self.ffn_bytes  # bytes_read per token as a fraction of the FFN

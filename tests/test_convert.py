@@ -9,10 +9,13 @@ import shutil
 import pytest
 import torch
 
+from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.cli import main
 from streamer.convert import convert, verify
+from streamer.engine import load_engine
 from streamer.errors import ModelFormatError
-from streamer.layout import ALIGN, ConvertedModel
+from streamer.generate import Generation, SamplingParams
+from streamer.layout import ALIGN, ConvertedModel, CorruptData
 from streamer.registry import open_source
 from streamer.sources import HFSource, load_dense
 from tests.helpers import PROMPT, greedy_with_logits
@@ -74,12 +77,15 @@ def test_manifest_describes_the_model(hf_model, tmp_path):
     src = HFSource(hf_model("falcon"))
     out = convert(src, tmp_path / "m", progress=False).directory
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "streamer-flash" and m["format_version"] == 1
+    assert m["format"] == "streamer-flash" and m["format_version"] == 2
     assert m["config"]["family"] == "falcon" and m["config"]["activation"] == "relu"
     assert m["dtype"] == "float16"
     assert m["ffn"]["bytes"] == (out / "ffn.bin").stat().st_size
     assert m["resident"]["bytes"] == (out / "resident.safetensors").stat().st_size
     assert all(len(layer["sha256"]) == 64 for layer in m["layers"])
+    sums = (out / "ffn.sums").read_bytes()
+    assert len(sums) == 8 * m["config"]["n_layers"] * m["config"]["d_ffn"]
+    assert m["sums"]["hash"] == "xxh3_64" and len(m["sums"]["sha256"]) == 64
     assert m["tokenizer"] and (out / "tokenizer.json").is_file()
 
 
@@ -210,3 +216,43 @@ def test_a_damaged_manifest_is_one_line_naming_the_field(
     assert main(["generate", str(out), "--prompt", "hi"]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and message in said[0]
+
+
+@pytest.mark.parametrize("mode", ["dense", "all", "naive"])
+def test_corrupt_flash_is_an_error_naming_layer_and_neuron_never_output(mode, hf_model, tmp_path):
+    """One flipped byte in one bundle: every path that reads it (a whole layer, a token's
+    bundles) stops with an error naming the layer and the neuron, and the rest reads fine."""
+    src = HFSource(hf_model("llama"))
+    out = convert(src, tmp_path / "m", progress=False).directory
+    if mode == "all":
+        calibrate(out, CalibrationSettings(sparsity=0.0, max_tokens=64), progress=False)
+    lay = ConvertedModel(out).layout
+    with (out / "ffn.bin").open("r+b") as f:
+        f.seek(lay.offset(1, 7) + 3)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with (
+        pytest.raises(CorruptData, match="layer 1 neuron 7 does not match its checksum"),
+        load_engine(out, mode=mode, dtype="float32") as engine,  # dense reads it here
+    ):
+        Generation(engine, [5, 17, 42], SamplingParams(max_tokens=4, temperature=0)).run()
+
+
+def test_verify_and_loading_find_changed_or_missing_calibration_files(hf_model, tmp_path):
+    out = convert(HFSource(hf_model("llama")), tmp_path / "m", progress=False).directory
+    calibrate(out, CalibrationSettings(sparsity=0.3, max_tokens=64), progress=False)
+    assert verify(out, progress=False) == []
+    weights = out / "ranker.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10
+    weights.write_bytes(bytes(data))
+    assert verify(out, progress=False) == [
+        "ranker.safetensors: checksum mismatch (calibrate the model again)"
+    ]
+    with pytest.raises(ModelFormatError, match="ranker.safetensors: checksum mismatch"):
+        load_engine(out, mode="all")
+    weights.unlink()
+    assert verify(out, progress=False) == [
+        "ranker.safetensors is missing (calibrate the model again)"
+    ]

@@ -40,7 +40,9 @@ def rows_budget(directory, rows: int, mode: str = "oracle", max_len: int = 64) -
     """The budget that leaves `rows` cache rows per layer."""
     with load_engine(directory, mode=mode, max_len=max_len) as e:
         p, n = e.plan, e.cfg.d_ffn
-        return p.resident + p.predictors + p.kv_cache + (n + p.n_layers * rows) * p.row_bytes
+        return (
+            p.resident + p.predictors + p.kv_cache + p.extra + (n + p.n_layers * rows) * p.row_bytes
+        )
 
 
 @pytest.mark.parametrize("family", ["opt", "falcon", "falcon-sequential", "llama-relu-bias"])

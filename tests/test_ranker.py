@@ -133,7 +133,7 @@ def test_budgets_that_force_eviction_keep_the_tokens(llama):
     with load_engine(directory, mode="all", max_len=64) as e:
         p, n = e.plan, e.cfg.d_ffn
         free = greedy_with_logits(e, PROMPT, 16)[0]
-    budget = p.resident + p.predictors + p.kv_cache + (n + p.n_layers * 20) * p.row_bytes
+    budget = p.resident + p.predictors + p.kv_cache + p.extra + (n + p.n_layers * 20) * p.row_bytes
     with load_engine(directory, mode="all", dram_budget=budget, max_len=64) as e:
         assert e.plan.cache_rows == 20
         tight = greedy_with_logits(e, PROMPT, 16)[0]

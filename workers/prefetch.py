@@ -47,6 +47,7 @@ class PrefetchStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
         self.spec, self.layout, self.n = spec, model.layout, model.config.d_ffn
+        self.sums = model.sums  # every bundle read is checked against its checksum
         self.shm = spec.rows()
         self.frames = spec.frames
         self.reader = FlashReader(model.ffn_path, concurrency=spec.concurrency, direct=spec.direct)
@@ -93,6 +94,7 @@ class PrefetchStage:
             await self._read(
                 self.reader.chunked(self.layout.layer_offsets[msg.layer], dest.view(-1)), stats
             )
+            self.sums.check(msg.layer, np.arange(self.n), dest)
             data = dest.numpy() if self.frames else np.zeros((0, 0), np.uint8)
             return LayerReady(
                 msg.request_id,
@@ -143,6 +145,7 @@ class PrefetchStage:
             stats.bytes += entry.stats.bytes
             stats.reads += entry.stats.reads
             stats.seconds += entry.stats.seconds
+        self.sums.check(msg.layer, neurons, out, out_rows)
         pstats = {
             **msg.stats,
             "copied": copied,

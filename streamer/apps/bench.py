@@ -370,6 +370,10 @@ def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dic
         "pipelined_vs_serial": ratio(per_token("serial"), per_token("pipeline")),
         "io_efficiency": io_eff,
         "overlap": rows.get("pipeline", {}).get("overlap"),
+        # the time the all row spent checking what it read (BundleSums), of its total
+        "checksum_share": ratio(
+            rows.get("all", {}).get("check_ms"), rows.get("all", {}).get("total_ms")
+        ),
     }
 
 
