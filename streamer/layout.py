@@ -344,12 +344,21 @@ class BundleSums:
         if len(ids) == 0:
             return
         data = memoryview(rows.numpy()).cast("B")
-        rb, stride, want = self.record_bytes, self.stride, self.sums[layer]
+        rb, stride = self.record_bytes, self.stride
+        want = self.sums[layer][np.asarray(ids)].tolist()
+        starts = (
+            range(0, len(want) * stride, stride)
+            if at is None
+            else (np.asarray(at) * stride).tolist()
+        )
         digest = xxhash.xxh3_64_intdigest
-        where = range(len(ids)) if at is None else np.asarray(at).tolist()
-        for i, neuron in zip(where, np.asarray(ids).tolist(), strict=True):
-            if digest(data[i * stride : i * stride + rb]) != want[neuron]:
-                raise CorruptData(
-                    f"{FFN_FILE}: layer {layer} neuron {neuron} does not match its checksum: "
-                    "the data on flash is corrupt (run `streamer verify`, then convert again)"
-                )
+        for i, (start, expected) in enumerate(zip(starts, want, strict=True)):
+            if digest(data[start : start + rb]) != expected:
+                raise _corrupt(layer, int(ids[i]))
+
+
+def _corrupt(layer: int, neuron: int) -> CorruptData:
+    return CorruptData(
+        f"{FFN_FILE}: layer {layer} neuron {neuron} does not match its checksum: the data on "
+        "flash is corrupt (run `streamer verify`, then convert again)"
+    )

@@ -100,7 +100,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, processes: bool = True) -> None:
         self.config, self.processes = config, processes
         self.endpoint = ""  # where the front end serves, once one does
-        self.counts = {"restarts": 0, "deaths": 0}
+        self.counts = {"restarts": 0, "deaths": 0, "refused": 0}
         self.stages: dict[str, StageProcess] = {}
         self._made_run_dir: Path | None = None
         self.shm: SharedRows | None = None
@@ -244,7 +244,8 @@ class Pipeline:
             except ProtocolError as e:
                 log.warning("launcher: refused a health message: %s", e)
                 continue
-            if isinstance(msg, Error):
+            if isinstance(msg, Error):  # a stage refused a message
+                self.counts["refused"] += 1
                 log.warning("launcher: %s", msg.message)
                 continue
             st = self.stages.get(msg.stage)
