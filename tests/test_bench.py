@@ -62,8 +62,11 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
         "pipelined_vs_serial",
         "io_efficiency",
         "overlap",
+        "checksum_share",
     }
-    assert all(v is not None and v > 0 for v in report["ratios"].values()), report["ratios"]
+    ratios = dict(report["ratios"])
+    assert rows["all"]["check_ms"] > 0 and 0 <= ratios.pop("checksum_share") < 1  # reads checked
+    assert all(v is not None and v > 0 for v in ratios.values()), report["ratios"]
     # I/O efficiency is against the disk at the all row's mean read: bundles, merged when adjacent.
     assert report["probe_all"]["chunk"] >= report["probe"]["chunk"]
     b = {name: rows[name]["bytes_read"] for name in ROWS}

@@ -172,9 +172,12 @@ async def test_mutated_frames_to_every_stage_socket_leave_the_pipeline_serving(
     rng = random.Random(16)
     async with serve_pipeline(config) as p:
         pids = {name: st.proc.pid for name, st in p.stages.items()}
+        # one frame over the stages' limit: ZeroMQ drops its sender before it is buffered
+        oversize = memoryview(bytearray(p.stages["compute"].spec.limits.max_frame_bytes + 1))
         for link in STAGE_LINKS:
             messages = mutated(rng, counts(request))
             endpoint = p.stages["compute"].spec.endpoints[link]
+            await send_all(endpoint, zmq.PUSH, [[b"fetch", b"\x82", oversize]], lambda: 0)
             refused = await send_all(endpoint, zmq.PUSH, messages, lambda: p.counts["refused"])
             # the stages that read a socket all the time report what they refuse; compute
             # reads `rows` only while it waits for rows: the request below meets them there
