@@ -18,6 +18,7 @@ loaded, evicted, and time as I/O / memory management / compute (the paper's Tabl
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -52,7 +53,7 @@ from streamer.memory import (
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
 from streamer.predictor import Selection, load_selection
-from streamer.quant import RESIDENT_KINDS, quantize_resident, quantize_resident_tensor
+from streamer.quant import RESIDENT_CHOICES, quantize_resident, quantize_resident_tensor
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
@@ -60,6 +61,8 @@ from streamer.window import WindowCache
 MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
 VECTOR_BATCH = 256  # the window mode's vector reads in flight at once
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- resident part
@@ -367,16 +370,19 @@ def load_engine(
     direct: bool = True,
     dtype: str | None = None,
     max_len: int = 2048,
-    quant_resident: str | None = None,
+    quant_resident: str | None = "auto",
 ) -> Engine:
-    """A converted model ready to decode in `mode` within `dram_budget`; `quant_resident="q4"`
-    keeps the resident part's matrices in 4 bits (`streamer.quant`)."""
-    if quant_resident is not None and quant_resident not in RESIDENT_KINDS:
+    """A converted model ready to decode in `mode` within `dram_budget`. `quant_resident`:
+    "q4" keeps the resident part's matrices in 4 bits (`streamer.quant`); "none" (or None)
+    keeps them as stored; "auto" keeps them in 4 bits only when a flash mode's budget is too
+    small for them as stored (and says so)."""
+    quant_resident = quant_resident or "none"
+    if quant_resident not in RESIDENT_CHOICES:
         raise ConfigError(
-            f"quant_resident must be one of {', '.join(RESIDENT_KINDS)}, got {quant_resident!r}",
+            f"quant_resident must be one of {', '.join(RESIDENT_CHOICES)}, got {quant_resident!r}",
             "quant_resident",
         )
-    if quant_resident and mode == "naive":
+    if quant_resident == "q4" and mode == "naive":
         raise ConfigError("mode naive reads the resident part from flash: no quant_resident")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
@@ -389,7 +395,8 @@ def load_engine(
     model_bytes = model.model_bytes
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":
-        return dense_engine(model, compute, max_len, budget, model_bytes, overhead, quant_resident)
+        q = "q4" if quant_resident == "q4" else None
+        return dense_engine(model, compute, max_len, budget, model_bytes, overhead, q)
 
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
@@ -408,7 +415,9 @@ def load_engine(
             )
             resident_bytes = 0
         else:
-            quantized = quantize_resident_tensor if quant_resident else None
+            if quant_resident == "auto":
+                quant_resident = _resident_kind_for(model, compute, budget, predictors, max_len)
+            quantized = quantize_resident_tensor if quant_resident == "q4" else None
             resident = load_resident(model, compute, transform=quantized)
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = MemoryPlan(
@@ -457,6 +466,36 @@ def load_engine(
         for r in readers:
             r.close()
         raise
+
+
+def _resident_kind_for(
+    model: ConvertedModel,
+    compute: torch.dtype,
+    budget: int | None,
+    predictors: Selection | None,
+    max_len: int,
+) -> str:
+    """ "q4" when the resident part as stored, the selection, the KV cache and one window row a
+    layer do not fit `budget`; else "none"."""
+    if budget is None:
+        return "none"
+    cfg, lay = model.config, model.layout
+    stored = model.manifest["resident"]["bytes"] * compute.itemsize // lay.dtype.itemsize
+    need = (
+        stored
+        + (predictors.nbytes if predictors is not None else 0)
+        + kv_bytes(cfg, max_len, compute)
+        + model.sums.nbytes
+        + (cfg.d_ffn + cfg.n_layers) * lay.stride  # scratch, and one window row a layer
+    )
+    if need <= budget:
+        return "none"
+    log.info(
+        "the resident part as stored (%.1f MiB) leaves no room in the DRAM budget: keeping its "
+        "matrices in 4 bits (--quant-resident q4; --quant-resident none refuses instead)",
+        stored / 2**20,
+    )
+    return "q4"
 
 
 def naive_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:

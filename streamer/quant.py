@@ -105,6 +105,8 @@ class Q8Embedding:
 
 
 RESIDENT_KINDS = ("q4",)
+# what --quant-resident takes: as stored, 4 bits, or 4 bits only when a DRAM budget needs it
+RESIDENT_CHOICES = ("none", *RESIDENT_KINDS, "auto")
 
 
 def quantize_resident(weights: dict[str, torch.Tensor]) -> dict[str, object]:

@@ -3,15 +3,18 @@ quantized resident part."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.convert import convert
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.quant import GROUP, Q4Matrix, Q8Embedding, dequantize, quantize, quantize_resident
 from streamer.sources import HFSource
-from tests.helpers import PROMPT
+from tests.helpers import PROMPT, greedy_with_logits
 
 
 def test_q4_linear_equals_plain_torch_on_the_same_codes():
@@ -66,5 +69,30 @@ def test_a_quantized_resident_part_equals_a_reference_on_the_same_codes(hf_model
 def test_an_unknown_resident_kind_is_one_clear_error(hf_model, tmp_path):
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
-    with pytest.raises(ConfigError, match="quant_resident must be one of q4, got 'q3'"):
+    with pytest.raises(ConfigError, match="quant_resident must be one of none, q4, auto, got 'q3'"):
         load_engine(out, mode="all", quant_resident="q3")
+
+
+def test_auto_quantizes_the_resident_part_only_when_the_budget_needs_it(hf_model, tmp_path, caplog):
+    """A budget too small for the resident part as stored but big enough in 4 bits: `auto`
+    (the default) loads it in 4 bits and says so, as `q4` would; `none` refuses; with no budget
+    `auto` keeps it as stored."""
+    caplog.set_level(logging.INFO, logger="streamer.engine")
+    out = tmp_path / "m"
+    convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
+    calibrate(out, CalibrationSettings(sparsity=0.3, max_tokens=64), progress=False)
+    with load_engine(out, mode="all", max_len=64, quant_resident="q4") as q:
+        p = q.plan
+        fixed = p.resident + p.predictors + p.kv_cache + p.extra + p.scratch_rows * p.row_bytes
+        budget = fixed + p.n_layers * 8 * p.row_bytes  # the 4-bit resident part, 8 rows a layer
+    with load_engine(out, mode="all", max_len=64) as stored:  # no budget: as stored
+        assert all(isinstance(t, torch.Tensor) for t in stored.model.w.values())
+    with load_engine(out, mode="all", max_len=64, dram_budget=budget) as auto:
+        assert sum(not isinstance(t, torch.Tensor) for t in auto.model.w.values()) >= 9
+        assert auto.plan.total <= budget
+        got = greedy_with_logits(auto, PROMPT, 6)[0]
+    assert "keeping its matrices in 4 bits" in caplog.text
+    with load_engine(out, mode="all", max_len=64, dram_budget=budget, quant_resident="q4") as q:
+        assert greedy_with_logits(q, PROMPT, 6)[0] == got
+    with pytest.raises(ConfigError, match="too small"):
+        load_engine(out, mode="all", max_len=64, dram_budget=budget, quant_resident="none")

@@ -21,7 +21,7 @@ from streamer.errors import ConfigError, ModelFormatError
 from streamer.layout import ConvertedModel
 from streamer.memory import parse_size
 from streamer.predictor import selection_file
-from streamer.quant import RESIDENT_KINDS
+from streamer.quant import RESIDENT_CHOICES
 from streamer.sources import Source
 
 log = logging.getLogger("streamer")
@@ -86,10 +86,12 @@ def add_engine(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quant-resident",
-        choices=RESIDENT_KINDS,
-        help="keep the resident part's matrices (attention, embeddings, LM head) in 4 bits, "
-        "in groups of 32 with a scale and an offset: lossless up to bfloat16 rounding for a "
-        "model converted from Q4_1, as the default model is (default: as stored)",
+        choices=RESIDENT_CHOICES,
+        default="auto",
+        help="q4: keep the resident part's matrices (attention, embeddings, LM head) in 4 bits, "
+        "in groups of 32 with a scale and an offset (lossless up to bfloat16 rounding for a "
+        "model converted from Q4_1, as the default model is); none: as stored; auto (the "
+        "default): q4 only when --dram-budget is too small for them as stored",
     )
     add_threads(p)
 
@@ -169,7 +171,8 @@ def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engin
             log.info("mode dense (the model is %s for the flash modes)", why)
     if mode == "dense" and not converted:
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
-        return dense_engine(source, dtype, max_len, quant_resident=args.quant_resident)
+        q = "q4" if args.quant_resident == "q4" else None
+        return dense_engine(source, dtype, max_len, quant_resident=q)
     if not converted:
         raise ModelFormatError(
             f"mode {mode} streams from the flash layout: run `streamer "

@@ -139,7 +139,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     }
     if args.mode not in ("auto", "all"):
         raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")
-    if args.quant_resident:
+    if args.quant_resident == "q4":
         raise ConfigError("the pipeline keeps the resident part as stored: no --quant-resident")
     return PipelineConfig.from_toml(
         args.config, **{k: v for k, v in given.items() if v is not None}
