@@ -132,8 +132,8 @@ class Server:
         task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED,
     ):
         """Serve until cancelled, on `bound` (see `bind`) or a socket bound here."""
-        bound = bound or bind(self.settings)
         try:
+            bound = bound or bind(self.settings)
             sock = bound.sock
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
@@ -143,7 +143,8 @@ class Server:
                 tg.start_soon(self._watch_peers, sock, monitor)
                 task_status.started(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
-            bound.close()
+            if bound is not None:
+                bound.close()
             self.engine.close()
 
     async def _reply(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
