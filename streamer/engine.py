@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +122,6 @@ class FlashFFN:
         # `dtype`.
         self.biases = ffn_biases(resident or {}, cfg.n_layers, lay.dtype)
         n = cfg.d_ffn
-        self.all_ids = np.arange(n)
         if mode in ("naive", "hybrid"):
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
             return
@@ -171,7 +170,7 @@ class FlashFFN:
         stats, read, cache = LayerStats(layer), ReadStats(), self.caches[layer]
         offset = self.layout.layer_offsets[layer]
         self.reader.read(self.reader.chunked(offset, self.scratch.view(-1)), read)
-        self._check(stats, layer, (self.all_ids, self.scratch))
+        self._check(stats, layer, (None, self.scratch))
         out, sets = prefill_ffn(
             x.to(self.layout.dtype),
             layer_weights(self.layout, self.scratch, self.biases[layer]),
@@ -187,8 +186,9 @@ class FlashFFN:
         self.telemetry.layers.append(stats)
         return out.to(self.dtype)
 
-    def _check(self, stats: LayerStats, layer: int, *parts: tuple[np.ndarray, torch.Tensor]):
-        """Check the bundles just read (ids, their rows) against their checksums."""
+    def _check(self, stats: LayerStats, layer: int, *parts: tuple[np.ndarray | None, torch.Tensor]):
+        """Check the bundles just read (ids, None for a whole layer; their rows) against their
+        checksums."""
         t0 = time.perf_counter()
         for ids, rows in parts:
             self.sums.check(layer, ids, rows)
@@ -201,7 +201,7 @@ class FlashFFN:
         read = ReadStats()
         offset = self.layout.layer_offsets[layer]
         self.reader.read(self.reader.chunked(offset, self.staging.view(-1)), read)
-        self._check(stats, layer, (self.all_ids, self.staging))
+        self._check(stats, layer, (None, self.staging))
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
@@ -407,6 +407,39 @@ def load_engine(
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
     try:
         telemetry = Telemetry(lay.file_bytes)
+
+        def memory_plan(resident_bytes: int) -> MemoryPlan:
+            """The plan with this resident part; ConfigError if it does not fit the budget."""
+            plan = MemoryPlan(
+                budget,
+                model_bytes,
+                resident=resident_bytes,
+                predictors=predictors.nbytes if predictors is not None else 0,
+                kv_cache=kv_bytes(cfg, max_len, compute),
+                cache_rows=0,
+                row_bytes=lay.stride,
+                n_layers=cfg.n_layers,
+                overhead=overhead,
+                # naive and hybrid: one layer's staging; the sparse modes: one whole layer of
+                # scratch (a prompt's layer, a token's overflow) beside the window caches
+                scratch_rows=cfg.d_ffn,
+                # the bundles' checksums; the window mode's landing area for its unbundled reads
+                extra=model.sums.nbytes
+                + (
+                    VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
+                    if mode == "window"
+                    else 0
+                ),
+            )
+            if mode in SPARSE_MODES:
+                plan_memory(plan, cfg.d_ffn, f"mode {mode}")
+            if budget is not None and plan.total > budget:
+                raise ConfigError(
+                    f"dram_budget {dram_budget} is too small for mode {mode}: {plan.describe()}",
+                    "dram_budget",
+                )
+            return plan
+
         if mode == "naive":
             path = model.directory / RESIDENT_FILE
             readers.append(FlashReader(path, concurrency=concurrency, direct=direct))
@@ -416,38 +449,11 @@ def load_engine(
             resident_bytes = 0
         else:
             if quant_resident == "auto":
-                quant_resident = _resident_kind_for(model, compute, budget, predictors, max_len)
+                quant_resident = _resident_kind_for(model, compute, memory_plan)
             quantized = quantize_resident_tensor if quant_resident == "q4" else None
             resident = load_resident(model, compute, transform=quantized)
             resident_bytes = sum(nbytes(t) for t in resident.values())
-        plan = MemoryPlan(
-            budget,
-            model_bytes,
-            resident=resident_bytes,
-            predictors=predictors.nbytes if predictors is not None else 0,
-            kv_cache=kv_bytes(cfg, max_len, compute),
-            cache_rows=0,
-            row_bytes=lay.stride,
-            n_layers=cfg.n_layers,
-            overhead=overhead,
-            # naive and hybrid: one layer's staging; the sparse modes: one whole layer of
-            # scratch (a prompt's layer, a token's overflow) beside the window caches
-            scratch_rows=cfg.d_ffn,
-            # the bundles' checksums; the window mode's landing area for its unbundled reads
-            extra=model.sums.nbytes
-            + (
-                VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
-                if mode == "window"
-                else 0
-            ),
-        )
-        if mode in SPARSE_MODES:
-            plan_memory(plan, cfg.d_ffn, f"mode {mode}")
-        if budget is not None and plan.total > budget:
-            raise ConfigError(
-                f"dram_budget {dram_budget} is too small for mode {mode}: {plan.describe()}",
-                "dram_budget",
-            )
+        plan = memory_plan(resident_bytes)
         rows = plan.cache_rows
         ffn = FlashFFN(
             model,
@@ -469,33 +475,20 @@ def load_engine(
 
 
 def _resident_kind_for(
-    model: ConvertedModel,
-    compute: torch.dtype,
-    budget: int | None,
-    predictors: Selection | None,
-    max_len: int,
+    model: ConvertedModel, compute: torch.dtype, memory_plan: Callable[[int], MemoryPlan]
 ) -> str:
-    """ "q4" when the resident part as stored, the selection, the KV cache and one window row a
-    layer do not fit `budget`; else "none"."""
-    if budget is None:
+    """ "q4" when the resident part as stored does not fit the memory plan; else "none"."""
+    stored = model.manifest["resident"]["bytes"] * compute.itemsize // model.layout.dtype.itemsize
+    try:
+        memory_plan(stored)
         return "none"
-    cfg, lay = model.config, model.layout
-    stored = model.manifest["resident"]["bytes"] * compute.itemsize // lay.dtype.itemsize
-    need = (
-        stored
-        + (predictors.nbytes if predictors is not None else 0)
-        + kv_bytes(cfg, max_len, compute)
-        + model.sums.nbytes
-        + (cfg.d_ffn + cfg.n_layers) * lay.stride  # scratch, and one window row a layer
-    )
-    if need <= budget:
-        return "none"
-    log.info(
-        "the resident part as stored (%.1f MiB) leaves no room in the DRAM budget: keeping its "
-        "matrices in 4 bits (--quant-resident q4; --quant-resident none refuses instead)",
-        stored / 2**20,
-    )
-    return "q4"
+    except ConfigError:
+        log.info(
+            "the resident part as stored (%.1f MiB) leaves no room in the DRAM budget: keeping "
+            "its matrices in 4 bits (--quant-resident q4; --quant-resident none refuses instead)",
+            stored / 2**20,
+        )
+        return "q4"
 
 
 def naive_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -264,7 +264,7 @@ class ConvertedModel:
             self.ffn_path, dtype=np.uint8, count=lay.layer_bytes, offset=lay.layer_offsets[layer]
         )
         records = torch.from_numpy(arr).view(lay.n_neurons, lay.stride)
-        self.sums.check(layer, np.arange(lay.n_neurons), records)
+        self.sums.check(layer, None, records)
         return records
 
     def ffn(self, layer: int) -> FFNWeights:
@@ -337,15 +337,21 @@ class BundleSums:
         return self.sums.nbytes
 
     def check(
-        self, layer: int, ids: np.ndarray, rows: torch.Tensor, at: np.ndarray | None = None
+        self,
+        layer: int,
+        ids: np.ndarray | None,
+        rows: torch.Tensor,
+        at: np.ndarray | None = None,
     ) -> None:
-        """rows[at[i]] (default rows[i]) holds the bundle of neuron ids[i] of `layer`, as
-        read; CorruptData if any does not match its checksum."""
+        """rows[at[i]] (default rows[i]) holds the bundle of neuron ids[i] of `layer` (ids
+        None: every neuron of the layer, in order), as read; CorruptData if any does not match
+        its checksum."""
+        ids = np.arange(self.sums.shape[1]) if ids is None else np.asarray(ids)
         if len(ids) == 0:
             return
         data = memoryview(rows.numpy()).cast("B")
         rb, stride = self.record_bytes, self.stride
-        want = self.sums[layer][np.asarray(ids)].tolist()
+        want = self.sums[layer][ids].tolist()
         starts = (
             range(0, len(want) * stride, stride)
             if at is None
