@@ -3,6 +3,7 @@ and as a `streamer serve` process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,6 +48,19 @@ def served(hf_model, tmp_path):
         return server
 
     return endpoint, start, expected
+
+
+@contextlib.contextmanager
+def raw_dealer(endpoint: str):
+    """A bare DEALER socket connected to the server, for frames the client library never sends."""
+    ctx = zmq.asyncio.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(endpoint)
+    try:
+        yield raw
+    finally:
+        raw.close(linger=0)
+        ctx.term()
 
 
 @pytest.mark.asyncio
@@ -127,10 +141,7 @@ async def test_malformed_requests_get_errors_and_the_server_keeps_serving(served
     endpoint, start, expected = served
     async with anyio.create_task_group() as tg:
         await start(tg)
-        ctx = zmq.asyncio.Context()
-        raw = ctx.socket(zmq.DEALER)
-        raw.connect(endpoint)
-        try:
+        with raw_dealer(endpoint) as raw:
             for frames, code, rid in (
                 ([b"nonsense", b"\x80"], "bad_request", ""),
                 (encode(Generate("r9", prompt_ids=[1, 10**6])), "bad_request", "r9"),
@@ -141,9 +152,6 @@ async def test_malformed_requests_get_errors_and_the_server_keeps_serving(served
                     reply = decode(await raw.recv_multipart())
                 assert isinstance(reply, Error) and reply.code == code
                 assert reply.request_id == rid and reply.message
-        finally:
-            raw.close(linger=0)
-            ctx.term()
         async with Client(endpoint, timeout=30) as client:
             with pytest.raises(ClientError, match="max_tokens must be in"):
                 await collect(client, prompt_ids=[1], max_tokens=10**6)
@@ -320,10 +328,7 @@ async def test_an_oversize_frame_drops_its_sender_and_others_are_served(served):
     endpoint, start, expected = served
     async with anyio.create_task_group() as tg:
         server = await start(tg)
-        ctx = zmq.asyncio.Context()
-        raw = ctx.socket(zmq.DEALER)
-        raw.connect(endpoint)
-        try:
+        with raw_dealer(endpoint) as raw:
             header = msgpack.packb({"f": {"request_id": "big"}, "a": [None] * (2 << 20)})
             await raw.send_multipart([b"generate", header])
             async with Client(endpoint, timeout=30) as client:
@@ -331,9 +336,6 @@ async def test_an_oversize_frame_drops_its_sender_and_others_are_served(served):
                 assert done.token_ids == expected([3], 2)
             assert await raw.poll(500) == 0  # no reply: the frame never reached the server
             assert server.counts["refused"] == 0
-        finally:
-            raw.close(linger=0)
-            ctx.term()
         tg.cancel_scope.cancel()
 
 
