@@ -66,9 +66,14 @@ def convert(
     dtype: str = "float16",
     force: bool = False,
     progress: bool = True,
+    quant: str | None = None,
 ) -> ConvertResult:
+    """dtype: the resident part's (and the bundles', unless `quant` names their kind:
+    `streamer.blocks.KINDS`). A bad kind, or a model its blocks do not fit, is a ConfigError
+    before anything is written."""
     out = Path(out).expanduser()
     torch_dtype = parse_dtype(dtype)
+    layout = BundleLayout.for_config(source.config, torch_dtype, quant)
     fingerprint = source_fingerprint(source)
     if out.exists():
         if not out.is_dir():
@@ -84,14 +89,15 @@ def convert(
             same = (
                 old.get("source", {}).get("fingerprint") == fingerprint
                 and old.get("dtype") == dtype
+                and old.get("bundle", {}).get("quant") == layout.kind.name
             )
             if same and not force:
                 return ConvertResult(out, False, 0)
             if not force:
                 held = old.get("source", {}).get("description", "another model")
                 raise ModelFormatError(
-                    f"{out} already holds another model ({held}, "
-                    f"{old.get('dtype')}); pick another directory or pass "
+                    f"{out} already holds another model ({held}, {old.get('dtype')}, "
+                    f"{old.get('bundle', {}).get('quant')}); pick another directory or pass "
                     "--force to replace it"
                 )
         elif any(out.iterdir()):
@@ -102,7 +108,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        written = _write(source, tmp, torch_dtype, fingerprint, progress)
+        written = _write(source, tmp, torch_dtype, layout, fingerprint, progress)
         if out.exists():
             # Only ever an empty directory or one of our converted models (checked above).
             shutil.rmtree(out)
@@ -112,10 +118,16 @@ def convert(
     return ConvertResult(out, True, written)
 
 
-def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, progress: bool) -> int:
-
+def _write(
+    source: Source,
+    tmp: Path,
+    dtype: torch.dtype,
+    layout: BundleLayout,
+    fingerprint: str,
+    progress: bool,
+) -> int:
     cfg = source.config
-    layout = BundleLayout.for_config(cfg, dtype)
+    own_blocks = getattr(source, "ffn_blocks", None)  # a GGUF file's blocks, kept where they fit
     names = source.resident_names()
     with tqdm(
         total=len(names) + cfg.n_layers, desc="convert", unit="part", disable=not progress
@@ -131,7 +143,8 @@ def _write(source: Source, tmp: Path, dtype: torch.dtype, fingerprint: str, prog
         bar.set_postfix_str("ffn bundles")
         with (tmp / FFN_FILE).open("wb") as f:
             for i in range(cfg.n_layers):
-                records = layout.pack(source.ffn(i)).numpy()
+                raw = own_blocks(i, layout.kind) if own_blocks else None
+                records = layout.pack(source.ffn(i), raw).numpy()
                 assert f.tell() == layout.layer_offsets[i]
                 f.write(memoryview(records))
                 sums.append(BundleSums.of_layer(layout, records))

@@ -34,7 +34,7 @@ from streamer.ffn import (
     bundle_reads,
     ffn_biases,
     gather_rows,
-    layer_weights,
+    layer_forward,
     load_resident,
     prefill_ffn,
     safetensors_index,
@@ -51,7 +51,7 @@ from streamer.memory import (
     plan_memory,
     rss_bytes,
 )
-from streamer.model import ACTIVATION_FNS, KVCache, Transformer, ffn_forward
+from streamer.model import ACTIVATION_FNS, KVCache, Transformer
 from streamer.predictor import Selection, load_selection
 from streamer.quant import RESIDENT_CHOICES, quantize_resident, quantize_resident_tensor
 from streamer.sources import Source, load_dense
@@ -136,14 +136,14 @@ class FlashFFN:
         self.dense_prefill = True  # eval turns it off to score every token through the window
         self.fresh = [True] * cfg.n_layers
         self.activity = predictors.activity if predictors is not None else [0.0] * cfg.n_layers
-        self.part_bytes = cfg.d_model * lay.dtype.itemsize
+        self.part_bytes = lay.part_bytes
         if mode == "window":
             span = vector_span(self.part_bytes)
             self.vector_scratch = aligned_buffer(VECTOR_BATCH * span).view(VECTOR_BATCH, span)
         if mode == "oracle":
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
             # DRAM, outside the budget. Oracle mode is for testing and analysis.
-            self.oracle = [model.ffn(i) for i in range(cfg.n_layers)]
+            self.oracle = [model.ffn(i).to(lay.dtype) for i in range(cfg.n_layers)]
         elif predictors is None:
             raise ModelFormatError(f"mode {mode!r} needs predictors: run `streamer calibrate`")
 
@@ -173,7 +173,9 @@ class FlashFFN:
         self._check(stats, layer, (None, self.scratch))
         out, sets = prefill_ffn(
             x.to(self.layout.dtype),
-            layer_weights(self.layout, self.scratch, self.biases[layer]),
+            self.layout,
+            self.scratch,
+            self.biases[layer],
             self.act,
             self.activity[layer],
             cache.window,
@@ -205,8 +207,10 @@ class FlashFFN:
         stats.bytes_read, stats.reads, stats.io_ms = read.bytes, read.reads, read.seconds * 1e3
         stats.loaded = stats.predicted = self.cfg.d_ffn
         self.telemetry.layers.append(stats)
-        w = layer_weights(self.layout, self.staging, self.biases[layer])
-        return ffn_forward(x.to(self.layout.dtype), w, self.act).to(self.dtype)
+        x = x.to(self.layout.dtype)
+        return layer_forward(x, self.layout, self.staging, self.biases[layer], self.act).to(
+            self.dtype
+        )
 
     def _active(self, x: torch.Tensor, layer: int) -> np.ndarray:
         if self.mode != "oracle":
@@ -425,11 +429,7 @@ def load_engine(
                 scratch_rows=cfg.d_ffn,
                 # the bundles' checksums; the window mode's landing area for its unbundled reads
                 extra=model.sums.nbytes
-                + (
-                    VECTOR_BATCH * vector_span(cfg.d_model * lay.dtype.itemsize)
-                    if mode == "window"
-                    else 0
-                ),
+                + (VECTOR_BATCH * vector_span(lay.part_bytes) if mode == "window" else 0),
             )
             if mode in SPARSE_MODES:
                 plan_memory(plan, cfg.d_ffn, f"mode {mode}")
@@ -478,7 +478,7 @@ def _resident_kind_for(
     model: ConvertedModel, compute: torch.dtype, memory_plan: Callable[[int], MemoryPlan]
 ) -> str:
     """ "q4" when the resident part as stored does not fit the memory plan; else "none"."""
-    stored = model.manifest["resident"]["bytes"] * compute.itemsize // model.layout.dtype.itemsize
+    stored = model.manifest["resident"]["bytes"] * compute.itemsize // model.dtype.itemsize
     try:
         memory_plan(stored)
         return "none"

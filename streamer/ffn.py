@@ -23,6 +23,7 @@ from streamer.layout import RESIDENT_FILE, BundleLayout, ConvertedModel
 from streamer.model import FFNWeights, ffn_forward
 
 ROW_BUCKET = 64  # row counts are rounded up to this (see rows_forward)
+NEURON_BLOCK = 1024  # neurons of a block kind dequantized at a time over a whole layer
 BIAS_KEYS = ("up_bias", "gate_bias", "down_bias")
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -88,9 +89,33 @@ def ffn_biases(
 
 
 def layer_weights(layout: BundleLayout, records: torch.Tensor, biases: Biases) -> FFNWeights:
-    """A whole layer's records as FFN matrices (views), with its resident biases."""
+    """Records' FFN matrices (views of a float kind's records, dequantized copies of a block
+    kind's), with their resident biases (already sliced to the records' neurons)."""
     parts = layout.unpack(records)
     return FFNWeights(parts["up"], parts["down"], parts.get("gate"), **biases)
+
+
+def layer_forward(
+    x: torch.Tensor,
+    layout: BundleLayout,
+    records: torch.Tensor,
+    biases: Biases,
+    act: Callable,
+    on_activations: Callable | None = None,
+) -> torch.Tensor:
+    """A whole layer's FFN from its records, x: [T, d] -> [T, d]. A block kind is dequantized
+    NEURON_BLOCK neurons at a time, so that a prompt never holds a float copy of the layer
+    beside the budget; `on_activations(h)` sees each block's activations, in order."""
+    if not layout.kind.quantized:
+        return ffn_forward(x, layer_weights(layout, records, biases), act, on_activations)
+    out = None
+    for i in range(0, records.shape[0], NEURON_BLOCK):
+        j = min(i + NEURON_BLOCK, records.shape[0])
+        part = {k: None if v is None else v[i:j] for k, v in biases.items() if k != "down_bias"}
+        y = ffn_forward(x, layer_weights(layout, records[i:j], part), act, on_activations)
+        out = y if out is None else out.add_(y)
+    b = biases["down_bias"]
+    return out if b is None else out + b
 
 
 def bundle_reads(
@@ -117,18 +142,25 @@ def bundle_reads(
 
 
 def prefill_ffn(
-    x: torch.Tensor, w: FFNWeights, act: Callable, threshold: float, k: int
+    x: torch.Tensor,
+    layout: BundleLayout,
+    records: torch.Tensor,
+    biases: Biases,
+    act: Callable,
+    threshold: float,
+    k: int,
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
     """A whole layer's FFN over a prompt, x: [T, d] -> [T, d], and the true active set
     (|activation| > threshold) of each of its last k tokens, oldest first."""
     kept: list[torch.Tensor] = []
 
-    def record(h: torch.Tensor) -> torch.Tensor:  # h: [T, n]
+    def record(h: torch.Tensor) -> torch.Tensor:  # h: [T, n] (or a block of its neurons)
         kept.append(h[-k:].abs() > threshold)
         return h
 
-    out = ffn_forward(x, w, act, record)
-    return out, [torch.nonzero(row).flatten().numpy() for row in kept[0]]
+    out = layer_forward(x, layout, records, biases, act, record)
+    active = torch.cat(kept, dim=1)
+    return out, [torch.nonzero(row).flatten().numpy() for row in active]
 
 
 def gather_rows(

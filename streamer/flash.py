@@ -26,6 +26,9 @@ from streamer.errors import ConfigError, StreamerError
 
 log = logging.getLogger(__name__)
 ALIGN = 4096
+# The smallest unit the reader asks of O_DIRECT (bundle records are padded to it): the logical
+# block size of most devices; one that needs more gets buffered reads (a warning says so).
+SECTOR = 512
 _warned: set[str] = set()
 
 
@@ -78,8 +81,9 @@ class FlashReader:
         if direct:
             try:
                 self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-                probe = aligned_buffer(ALIGN)
-                os.preadv(self.fd, [probe.numpy()], 0)
+                probe = aligned_buffer(ALIGN).numpy()
+                os.preadv(self.fd, [probe], 0)
+                os.preadv(self.fd, [probe[SECTOR : 2 * SECTOR]], SECTOR)
                 self.direct = True
             except OSError as e:
                 if getattr(self, "fd", None) is not None:

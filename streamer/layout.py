@@ -6,9 +6,9 @@ A converted model directory holds:
   biases): the paper's selective persistence;
 - `ffn.bin`: every layer's FFN as neuron bundles. Bundle i of layer l is one record holding what
   neuron i needs, part after part (Llama: gate row i, up row i, down column i; OPT and Falcon:
-  up, down),
-  each `d_model` values of the stored dtype, padded to `stride` bytes, a multiple of 4096, so that
-  every record starts on a 4 KiB boundary and can be read with O_DIRECT into an aligned buffer.
+  up, down), each `d_model` values in the bundle's kind (`streamer.blocks`: a float dtype, or
+  GGUF's 8- and 4-bit blocks), padded to `stride` bytes, a multiple of RECORD_ALIGN, so that
+  every record starts on a device block and can be read with O_DIRECT into an aligned buffer.
   Layers follow each other; layer l's region starts at `layers[l].offset`;
 - `manifest.json`: the architecture, dtype, record layout, offsets, file sizes, a format version
   and a SHA-256 per layer region (checked by `streamer verify`);
@@ -29,19 +29,22 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from streamer.blocks import FLOAT_KIND, Kind, dequantize, quantize
+from streamer.blocks import kind as bundle_kind
 from streamer.config import ModelConfig
-from streamer.errors import ModelFormatError
-from streamer.flash import ALIGN
+from streamer.errors import ConfigError, ModelFormatError
+from streamer.flash import SECTOR
 from streamer.model import FFNWeights
 from streamer.sources import ffn_from_resident, resident_names
 from streamer.tokenizer import TokenizerSpec
 
 FORMAT = "streamer-flash"
-FORMAT_VERSION = 2  # 2: ffn.sums, a checksum per bundle
+FORMAT_VERSION = 3  # 2: ffn.sums, a checksum per bundle; 3: quantized kinds, 512-byte records
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
 SUMS_FILE = "ffn.sums"  # xxh3-64 of each bundle's record (without padding), uint64 [layers, n]
+RECORD_ALIGN = SECTOR  # records are padded to a multiple of this
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -62,22 +65,33 @@ class BundleLayout:
 
     parts: tuple[str, ...]  # ("gate", "up", "down") or ("up", "down")
     d_model: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # what the FFN math runs in: a float kind's own dtype, else float32
     n_neurons: int
-    stride: int  # bytes per record, a multiple of ALIGN
+    stride: int  # bytes per record, a multiple of RECORD_ALIGN
     layer_offsets: tuple[int, ...]
+    kind: Kind
 
     @classmethod
-    def for_config(cls, cfg: ModelConfig, dtype: torch.dtype) -> BundleLayout:
+    def for_config(
+        cls, cfg: ModelConfig, dtype: torch.dtype, quant: str | None = None
+    ) -> BundleLayout:
+        """quant: the bundles' kind (`streamer.blocks.KINDS`); None: the float kind of dtype.
+        ConfigError when the kind is unknown or its blocks do not divide d_model."""
+        k = bundle_kind(quant or FLOAT_KIND[dtype_name(dtype)])
         parts = ("gate", "up", "down") if cfg.gated else ("up", "down")
-        record = len(parts) * cfg.d_model * dtype.itemsize
-        stride = -(-record // ALIGN) * ALIGN
+        record = len(parts) * k.row_bytes(cfg.d_model, "hidden size (d_model)")
+        stride = -(-record // RECORD_ALIGN) * RECORD_ALIGN
         offsets = tuple(i * cfg.d_ffn * stride for i in range(cfg.n_layers))
-        return cls(parts, cfg.d_model, dtype, cfg.d_ffn, stride, offsets)
+        compute = k.float_dtype or torch.float32
+        return cls(parts, cfg.d_model, compute, cfg.d_ffn, stride, offsets, k)
+
+    @property
+    def part_bytes(self) -> int:
+        return self.kind.row_bytes(self.d_model)
 
     @property
     def record_bytes(self) -> int:
-        return len(self.parts) * self.d_model * self.dtype.itemsize
+        return len(self.parts) * self.part_bytes
 
     @property
     def layer_bytes(self) -> int:
@@ -90,35 +104,46 @@ class BundleLayout:
     def offset(self, layer: int, neuron: int) -> int:
         return self.layer_offsets[layer] + neuron * self.stride
 
-    def pack(self, w: FFNWeights) -> torch.Tensor:
-        """One layer's matrices into records: [n_neurons, stride] bytes."""
-        d, n = self.d_model, self.n_neurons
-        rec = torch.zeros(n, self.stride // self.dtype.itemsize, dtype=self.dtype)
+    def pack(self, w: FFNWeights, raw: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """One layer's matrices into records: [n_neurons, stride] bytes. `raw`: parts already
+        in the bundle's kind (a GGUF file's own blocks), copied instead of quantized."""
+        d, n, pb = self.d_model, self.n_neurons, self.part_bytes
+        rec = np.zeros((n, self.stride), dtype=np.uint8)
         for j, part in enumerate(self.parts):
+            if raw is not None and part in raw:
+                rec[:, j * pb : (j + 1) * pb] = raw[part]
+                continue
             m = getattr(w, part)
             if m is None or tuple(m.shape) != (n, d):
                 raise ModelFormatError(
                     f"FFN {part} has shape {None if m is None else tuple(m.shape)}"
                     f", expected {(n, d)}"
                 )
-            rec[:, j * d : (j + 1) * d] = m
-        return rec.view(torch.uint8)
+            rec[:, j * pb : (j + 1) * pb] = quantize(m, self.kind)
+        return torch.from_numpy(rec)
 
     def unpack(self, records: torch.Tensor) -> dict[str, torch.Tensor]:
-        """records: [k, stride] bytes -> {part: [k, d]} views in the stored dtype."""
-        d = self.d_model
-        rows = records.view(self.dtype)
-        return {part: rows[:, j * d : (j + 1) * d] for j, part in enumerate(self.parts)}
+        """records: [k, stride] bytes -> {part: [k, d]} in `dtype`: views of the records for a
+        float kind, dequantized copies for a block kind."""
+        d, pb = self.d_model, self.part_bytes
+        if not self.kind.quantized:
+            rows = records.view(self.dtype)
+            return {part: rows[:, j * d : (j + 1) * d] for j, part in enumerate(self.parts)}
+        k = records.shape[0]
+        return {
+            part: dequantize(records[:, j * pb : (j + 1) * pb], self.kind, torch.empty(k, d))
+            for j, part in enumerate(self.parts)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "parts": list(self.parts),
             "d_model": self.d_model,
-            "dtype": dtype_name(self.dtype),
+            "quant": self.kind.name,
             "n_neurons": self.n_neurons,
             "record_bytes": self.record_bytes,
             "stride": self.stride,
-            "alignment": ALIGN,
+            "alignment": RECORD_ALIGN,
         }
 
 
@@ -205,8 +230,14 @@ class ConvertedModel:
         self.manifest = m = read_manifest(self.directory)
         try:
             self.config = ModelConfig.from_dict(m["config"])
-            self.dtype = parse_dtype(m["dtype"])
-            self.layout = BundleLayout.for_config(self.config, self.dtype)
+            self.dtype = parse_dtype(m["dtype"])  # the resident part's
+            quant = m["bundle"].get("quant")
+            if not isinstance(quant, str):
+                raise ModelFormatError(f"{self.directory / MANIFEST}: bundle.quant is missing")
+            try:
+                self.layout = BundleLayout.for_config(self.config, self.dtype, quant)
+            except ConfigError as e:
+                raise ModelFormatError(f"{self.directory / MANIFEST}: {e}") from None
             expected = self.layout.to_dict()
             if m["bundle"] != expected:
                 raise ModelFormatError(

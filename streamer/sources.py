@@ -446,5 +446,17 @@ class GGUFSource:
             gate=self._load(p + "ffn_gate.weight"),
         )
 
+    def ffn_blocks(self, layer: int, kind) -> dict[str, np.ndarray]:
+        """The layer's gate and up rows as the file stores them, where the file stores them in
+        `kind` (a `streamer.blocks.Kind`): a neuron's gate and up vectors are rows of the file's
+        matrices, so their blocks go into bundles unchanged. Down is never here: a neuron's down
+        vector is a column of the file's matrix and crosses its blocks (it is quantized again)."""
+        out = {}
+        for part in ("gate", "up"):
+            t = self.tensors.get(f"blk.{layer}.ffn_{part}.weight")
+            if kind.quantized and t is not None and t.tensor_type == kind.ggml:
+                out[part] = np.asarray(t.data, dtype=np.uint8)
+        return out
+
     def tokenizer(self) -> TokenizerSpec | None:
         return TokenizerSpec.from_gguf_metadata(self.meta)

@@ -15,7 +15,7 @@ from streamer.convert import convert, verify
 from streamer.engine import load_engine
 from streamer.errors import ModelFormatError
 from streamer.generate import Generation, SamplingParams
-from streamer.layout import ALIGN, ConvertedModel, CorruptData
+from streamer.layout import RECORD_ALIGN, ConvertedModel, CorruptData
 from streamer.registry import open_source
 from streamer.sources import HFSource, load_dense
 from tests.helpers import PROMPT, greedy_with_logits
@@ -53,13 +53,13 @@ def test_bundles_hold_each_neurons_vectors_aligned(family, parts, hf_model, tmp_
     m = json.loads((out / "manifest.json").read_text())
     d, n = src.config.d_model, src.config.d_ffn
     assert m["bundle"]["parts"] == list(parts)
-    assert m["bundle"]["stride"] % ALIGN == 0
+    assert m["bundle"]["stride"] % RECORD_ALIGN == 0
     assert m["bundle"]["stride"] >= m["bundle"]["record_bytes"] == len(parts) * d * 4
     raw = (out / "ffn.bin").read_bytes()
     assert len(raw) == src.config.n_layers * n * m["bundle"]["stride"]
     for layer in range(src.config.n_layers):
         info = m["layers"][layer]
-        assert info["offset"] % ALIGN == 0
+        assert info["offset"] % RECORD_ALIGN == 0
         want = src.ffn(layer)
         for neuron in (0, 1, n // 2, n - 1):
             start = info["offset"] + neuron * m["bundle"]["stride"]
@@ -77,7 +77,7 @@ def test_manifest_describes_the_model(hf_model, tmp_path):
     src = HFSource(hf_model("falcon"))
     out = convert(src, tmp_path / "m", progress=False).directory
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "streamer-flash" and m["format_version"] == 2
+    assert m["format"] == "streamer-flash" and m["format_version"] == 3
     assert m["config"]["family"] == "falcon" and m["config"]["activation"] == "relu"
     assert m["dtype"] == "float16"
     assert m["ffn"]["bytes"] == (out / "ffn.bin").stat().st_size
@@ -101,7 +101,7 @@ def test_verify_finds_a_flipped_byte_and_a_truncated_file(hf_model, tmp_path):
     problems = verify(out, progress=False)
     assert len(problems) == 1 and "layer 1 checksum mismatch" in problems[0]
     with (out / "ffn.bin").open("r+b") as f:
-        f.truncate(m["ffn"]["bytes"] - ALIGN)
+        f.truncate(m["ffn"]["bytes"] - RECORD_ALIGN)
     problems = verify(out, progress=False)
     assert len(problems) == 1 and "truncated" in problems[0]
     with pytest.raises(ModelFormatError, match="truncated"):

@@ -50,13 +50,16 @@ PROMPT = [5, 17, 42, 99, 7, 3, 250, 12]
 
 @pytest.fixture(scope="module")
 def calibrated(hf_model, tmp_path_factory):
-    """calibrated(family) -> a converted, calibrated random model directory (made once)."""
+    """calibrated(family) -> a converted, calibrated random model directory (made once);
+    "family:kind" converts its bundles to a quantized kind."""
     made = {}
 
     def get(family: str):
         if family not in made:
-            out = tmp_path_factory.mktemp(f"{family}-pipeline") / "m"
-            convert(HFSource(hf_model(family)), out, dtype="float32", progress=False)
+            name, _, quant = family.partition(":")
+            out = tmp_path_factory.mktemp(f"{name}-{quant}-pipeline") / "m"
+            src = HFSource(hf_model(name))
+            convert(src, out, dtype="float32", progress=False, quant=quant or None)
             calibrate(out, CalibrationSettings(ranks="16", epochs=4, max_tokens=512), False)
             made[family] = out
         return made[family]
@@ -107,6 +110,8 @@ def left_behind(tmp_path) -> list[str]:
         # stages that share no memory (as on several hosts): rows and row moves as frames
         ("opt", True, False, "tight", "frames"),
         ("llama", True, False, None, "frames"),
+        # quantized bundles: rows travel between stages, and sit in the windows, as blocks
+        ("opt:q4_0", True, False, "tight", "frames"),
     ],
 )
 async def test_pipeline_tokens_equal_the_single_process_engine(

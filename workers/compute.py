@@ -45,7 +45,6 @@ from streamer.errors import StreamerError
 from streamer.ffn import (
     ffn_biases,
     gather_rows,
-    layer_weights,
     load_resident,
     prefill_ffn,
     sparse_ffn,
@@ -215,8 +214,15 @@ class PipelineFFN:
         staged = self.shm.stage(layer % 2)
         if self.spec.frames:
             staged.numpy()[:] = msg.data
-        w = layer_weights(self.layout, staged, self.biases[layer])
-        out, sets = prefill_ffn(x, w, self.act, self.activity[layer], self.spec.window)
+        out, sets = prefill_ffn(
+            x,
+            self.layout,
+            staged,
+            self.biases[layer],
+            self.act,
+            self.activity[layer],
+            self.spec.window,
+        )
         t0 = time.perf_counter()
         sl = self.spec.shared
         books = WindowCache(

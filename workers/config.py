@@ -209,7 +209,7 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
     memory = MemoryPlan(
         budget=parse_budget(config.dram_budget or None, source.model_bytes),
         model_bytes=source.model_bytes,
-        resident=resident_stored * dtype.itemsize // lay.dtype.itemsize,
+        resident=resident_stored * dtype.itemsize // source.dtype.itemsize,
         predictors=selection.stat().st_size,
         kv_cache=kv_bytes(cfg, min(config.context, cfg.max_positions), dtype),
         cache_rows=0,

@@ -6,11 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from streamer.blocks import KINDS, kind
 from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.cli.common import add_threads, set_threads
 from streamer.convert import convert, verify
 from streamer.errors import ConfigError
-from streamer.registry import converted_dir, open_source
+from streamer.registry import converted_dir, default_gguf, open_source
+from streamer.sources import GGUFSource
 from streamer.synth import synth
 
 
@@ -28,6 +30,12 @@ def register(sub) -> None:
         default="float16",
         choices=["float16", "bfloat16", "float32"],
         help="storage dtype of the converted weights (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quant",
+        metavar="KIND",
+        help=f"the FFN bundles' kind: {', '.join(KINDS)} (default: --dtype's own float kind; "
+        "q8_0 and q4_* are GGUF's blocks of 32 values)",
     )
     p.add_argument("--force", action="store_true", help="replace a model OUT already holds")
     p.set_defaults(handler=cmd_convert)
@@ -155,15 +163,19 @@ def register(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    source = open_source(args.src)
-    result = convert(source, args.out, dtype=args.dtype, force=args.force)
+    if args.quant is not None:
+        kind(args.quant)  # an unknown kind is refused before the source is opened
+    # the default model from its own GGUF file, so that --quant q4_1 keeps the file's blocks
+    source = GGUFSource(default_gguf()) if args.src == "default" else open_source(args.src)
+    result = convert(source, args.out, dtype=args.dtype, force=args.force, quant=args.quant)
+    what = args.dtype if args.quant is None else f"{args.dtype}, FFN {args.quant}"
     if result.converted:
         print(
             f"converted {source.description} -> {result.directory} "
-            f"({result.bytes_written / 2**20:.1f} MiB, {args.dtype})"
+            f"({result.bytes_written / 2**20:.1f} MiB, {what})"
         )
     else:
-        print(f"{result.directory} already holds this model ({args.dtype}); nothing to do")
+        print(f"{result.directory} already holds this model ({what}); nothing to do")
     return 0
 
 
