@@ -395,7 +395,7 @@ def load_engine(
     overhead = rss_bytes() + WORKING_MEMORY
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
-    compute = parse_dtype(dtype) if dtype else (torch.float32 if mode == "dense" else lay.dtype)
+    compute = parse_dtype(dtype) if dtype else (torch.float32 if mode == "dense" else model.dtype)
     model_bytes = model.model_bytes
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":

@@ -7,6 +7,7 @@ on)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 
 from streamer.apps.bench import ROWS, BenchSettings
 from streamer.errors import ConfigError
+from streamer.predictor import META_FILE, WEIGHTS_FILE
 
 
 def streamer(*args: str, timeout: int = 600) -> str:
@@ -27,7 +29,7 @@ def streamer(*args: str, timeout: int = 600) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_bench_small_shape_every_row_and_ratio(tmp_path):
-    hf, conv, out = tmp_path / "hf", tmp_path / "conv", tmp_path / "bench"
+    hf, conv, out, q8 = tmp_path / "hf", tmp_path / "conv", tmp_path / "bench", tmp_path / "q8"
     streamer(
         "synth",
         "--like",
@@ -93,6 +95,22 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
     assert not (out / "offload").exists()  # the peer's scratch is removed
     table = streamer("bench", str(conv), "--out", str(out), "--rows", "all", *args.split()[:-1])
     assert "| all | 3 |" in table and "| all_vs_naive | - |" in table
+
+    # A row per quant kind: the same model in 8-bit blocks, its all row at the same budget in
+    # bytes (the predictors are the float32 conversion's: the same model's neurons).
+    streamer("convert", str(conv), str(q8), "--quant", "q8_0")
+    for name in (META_FILE, WEIGHTS_FILE):
+        shutil.copy(conv / name, q8 / name)
+    both = json.loads(
+        streamer(
+            "bench", str(conv), "--out", str(out), "--rows", "all", "--also", str(q8), *args.split()
+        )
+    )
+    assert list(both["rows"]) == ["all", "all-q8_0"] and both["quant"] == "f32"
+    assert both["rows"]["all-q8_0"]["memory"]["budget"] == both["dram_budget"]
+    # a q8_0 record is 2560 bytes where float32's is 8192: fewer bytes a neuron, more in DRAM
+    assert 0 < both["ratios"]["all-q8_0_bytes_vs_all"] < 2560 / 8192
+    assert both["ratios"]["all-q8_0_ms_vs_all"] > 0
 
 
 def test_bench_settings_are_checked():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from streamer.engine import load_engine
 from streamer.errors import ConfigError
 from streamer.generate import Generation, SamplingParams
 from streamer.layout import ConvertedModel
+from streamer.predictor import META_FILE, WEIGHTS_FILE
 from streamer.sources import HFSource
 from tests.helpers import PROMPT, greedy_with_logits
 from tests.models import make_sparse_opt
@@ -160,19 +162,25 @@ def test_rss_stays_within_the_budget(tmp_path):
     # matrix shape (the engine rounds row counts up so that it does not grow).
     out = convert(HFSource(src), tmp_path / "m", progress=False).directory
     calibrate(out, CalibrationSettings(ranks="16", epochs=2, max_tokens=256), progress=False)
+    # The same model with 4-bit bundles, windows and overflow (its predictors are the same).
+    q4 = convert(ConvertedModel(out), tmp_path / "q4", quant="q4_0", progress=False).directory
+    for name in (META_FILE, WEIGHTS_FILE):
+        shutil.copy(out / name, q4 / name)
     args = "--max-tokens 48 --temperature 0 --ignore-eos --mode all --dram-budget 50% --json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamer", "generate", str(out), "--prompt", "the quick brown"]
-        + args.split(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "DRAM budget" in proc.stderr  # printed at start
-    summary = json.loads(proc.stdout)["summary"]
-    mem = summary["memory"]
-    assert mem["total"] <= mem["budget"] <= 0.5 * mem["model_bytes"]
-    assert summary["overflow"] > 0  # the budget bites: some neurons do not fit the windows
-    assert summary["peak_rss_bytes"] <= mem["budget"] + mem["overhead"]
-    assert summary["bytes_read"] > 0
+    for directory in (out, q4):
+        proc = subprocess.run(
+            [sys.executable, "-m", "streamer", "generate", str(directory)]
+            + ["--prompt", "the quick brown", *args.split()],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "DRAM budget" in proc.stderr  # printed at start
+        summary = json.loads(proc.stdout)["summary"]
+        mem = summary["memory"]
+        assert mem["total"] <= mem["budget"] <= 0.5 * mem["model_bytes"]
+        assert summary["overflow"] > 0  # the budget bites: some neurons do not fit the windows
+        assert summary["peak_rss_bytes"] <= mem["budget"] + mem["overhead"]
+        assert summary["bytes_read"] > 0
+    assert mem["row_bytes"] == ConvertedModel(q4).layout.stride == 1536  # 4-bit rows in DRAM

@@ -249,7 +249,7 @@ class PipelineFFN:
 class ComputeStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
-        self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.layout.dtype
+        self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.dtype
         resident = load_resident(model, self.dtype)
         self.ffn = PipelineFFN(spec, model, self.dtype, resident)
         self.model = Transformer(model.config, resident, self.ffn, self.dtype)

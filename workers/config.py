@@ -203,7 +203,7 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
             f"{source.directory} has no predictors: run `streamer calibrate {config.model}`"
         )
     cfg, lay = source.config, source.layout
-    dtype = parse_dtype(config.dtype) if config.dtype else lay.dtype
+    dtype = parse_dtype(config.dtype) if config.dtype else source.dtype
     resident_stored = source.manifest["resident"]["bytes"]
     n = cfg.d_ffn
     memory = MemoryPlan(

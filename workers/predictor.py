@@ -33,7 +33,7 @@ class PredictorStage:
         model = ConvertedModel(spec.model_dir)
         cfg, lay = model.config, model.layout
         self.spec, self.shared, self.n_layers = spec, spec.shared, cfg.n_layers
-        self.dtype = parse_dtype(spec.dtype) if spec.dtype else lay.dtype
+        self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.dtype
         self.predictors = load_selection(
             model.directory, cfg, model.manifest, lookahead=not spec.serial
         ).to(self.dtype)

@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import anyio
 import torch
 from tqdm import tqdm
 
+from streamer.apps.bench_report import PIPELINE_ROWS, chart
 from streamer.calibrate import shipped_text
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.engine import load_engine
@@ -48,7 +49,6 @@ from workers.config import PipelineConfig
 from workers.launcher import Pipeline
 
 ENGINE_ROWS = ("dense", "naive", "hybrid", "predictor", "window", "all")
-PIPELINE_ROWS = ("pipeline", "serial")
 ROWS = (*ENGINE_ROWS, *PIPELINE_ROWS, "accelerate")
 PROMPT_TOKENS = 16  # of the bench text: the prompt; the tokens after it are decoded one by one
 # The paper's DRAM split for Falcon-7B [4]: fractions of the model.
@@ -81,6 +81,9 @@ class BenchSettings:
     lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)
     quant_resident: str | None = None  # the engine rows' resident part (load_engine)
     dtype: str | None = None  # the engine rows' compute dtype (None: each mode's default)
+    # other conversions of the same model (`convert --quant KIND`): an `all` row each, named
+    # all-KIND, at the same DRAM budget in bytes as the model's own rows
+    also: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
@@ -397,11 +400,13 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
             "from: give --hf DIR, or leave the row out with --rows"
         )
     ids = _text_ids(directory, settings)
+    also = _other_kinds(model, settings.also)  # before the first row runs
     settings.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "model": str(directory),
         "family": cfg.family,
         "model_bytes": model_bytes,
+        "quant": lay.kind.name,
         "dram_budget": budget,
         "window": settings.window,
         "prompt_tokens": PROMPT_TOKENS,
@@ -441,6 +446,16 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row
         say(f"{name}: {row['median_ms']:.1f} ms/token (median of {row['tokens']})")
+    same_budget = replace(settings, dram_budget=str(budget))
+    for name, other in also.items():
+        bar = tqdm(total=settings.tokens + 1, desc=f"{name:>10}", unit="tok", disable=not progress)
+        t0 = time.perf_counter()
+        row = engine_row(other, "all", ids, same_budget, bar)
+        row.pop("plan"), row.pop("embed_bytes")
+        bar.close()
+        row["seconds"], row["model"] = round(time.perf_counter() - t0, 1), str(other)
+        rows[name] = row
+        say(f"{name}: {row['median_ms']:.1f} ms/token (median of {row['tokens']})")
     report["rows"] = rows
     if "all" in rows and rows["all"].get("reads"):
         # `all` merges adjacent bundles into longer reads: its efficiency is against what the
@@ -453,6 +468,9 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         report["probe_all"] = probe
         say(f"probe at the all row's mean read size: {probe['gb_per_s']:.3f} GB/s, {chunk} B")
     report["ratios"] = ratios(rows, probe)
+    for name in also:
+        report["ratios"][f"{name}_bytes_vs_all"] = _ratio_of(rows, name, "all", "bytes_read")
+        report["ratios"][f"{name}_ms_vs_all"] = _ratio_of(rows, name, "all", "median_ms")
     report["paper"] = {
         "speedup_all_vs_naive_cpu": PAPER_SPEEDUP.get(cfg.family),
         "falcon_7b_split": PAPER_SPLIT_FALCON,
@@ -460,6 +478,26 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
     (settings.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     chart(rows, settings.out / "bench.png", str(directory))
     return report
+
+
+def _other_kinds(model: ConvertedModel, dirs: tuple[Path, ...]) -> dict[str, Path]:
+    """all-KIND -> directory, for other conversions of the model; ConfigError for one that
+    is not the same model or repeats a kind."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        other = ConvertedModel(d)
+        if other.manifest["config"] != model.manifest["config"]:
+            raise ConfigError(f"--also {d}: not a conversion of {model.directory}'s model")
+        name = f"all-{other.layout.kind.name}"
+        if name in out or other.layout.kind == model.layout.kind:
+            raise ConfigError(f"--also {d}: a second {other.layout.kind.name} conversion")
+        out[name] = d
+    return out
+
+
+def _ratio_of(rows: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float | None:
+    x, y = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
+    return round(x / y, 3) if x and y else None
 
 
 def _source_dir(model) -> Path | None:
@@ -485,97 +523,3 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB DRAM, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _fmt(v: Any, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _affinity(settings: dict[str, Any]) -> str:
-    cpus = settings.get("compute_cpus"), settings.get("io_cpus")
-    if not any(cpus):
-        return ""
-    where = [c or "any" for c in cpus]
-    return f"; pipeline rows: compute on CPUs {where[0]}, predictor and prefetch on {where[1]}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    rows = report["rows"]
-    lines = [
-        f"`{report['model']}`: {report['model_bytes'] / 1e9:.2f} GB, DRAM budget "
-        f"{report['dram_budget'] / 1e9:.2f} GB, window {report['window']}; {report['machine']}",
-        f"text: {report['text']}, {report['prompt_tokens']} tokens of prompt, then one token "
-        "per step (teacher-forced)",
-        f"disk probe: {report['probe']['gb_per_s']:.3f} GB/s for "
-        f"{report['probe']['chunk'] // 1024} KiB reads (the bundle), "
-        + (
-            f"{report['probe_all']['gb_per_s']:.3f} GB/s for {report['probe_all']['chunk']} B "
-            "(the all row's mean read, the io_efficiency base), "
-            if "probe_all" in report
-            else ""
-        )
-        + f"{report['probe']['concurrency']} in flight"
-        + _affinity(report.get("settings", {})),
-        "",
-        "| row | tokens | read/token | reads/token | GB/s read | I/O ms | mem ms | compute ms "
-        "| total ms (mean) | median [min-max] ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['tokens']} | {r.get('bytes_read', 0) / 1e9:.3f} GB | "
-            f"{_fmt(r.get('reads'), '.0f')} | {_fmt(r.get('read_gb_per_s'), '.2f')} | "
-            f"{_fmt(r.get('io_ms'))} | {_fmt(r.get('mem_ms'))} | {_fmt(r.get('compute_ms'))} | "
-            f"{r['total_ms']:.1f} | {r['median_ms']:.1f} [{r['min_ms']:.0f}-{r['max_ms']:.0f}] |"
-        )
-    lines += ["", "| ratio | measured |", "|---|---|"]
-    for k, v in report["ratios"].items():
-        lines.append(f"| {k} | {_fmt(v, '.3f')} |")
-    split = report.get("budget_split")
-    if split:
-        paper = report["paper"]["falcon_7b_split"]
-        lines += [
-            "",
-            "| DRAM split (of the model) | this run | paper, Falcon-7B |",
-            "|---|---|---|",
-        ]
-        for k in ("embeddings", "attention", "predictors", "window", "other", "total"):
-            lines.append(f"| {k} | {split[k]:.1%} | {_fmt(paper.get(k), '.1%')} |")
-        lines.append(f"| window, of the FFN | {split['window_of_ffn']:.1%} | 33% |")
-    return "\n".join(lines)
-
-
-def chart(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Table 3's split per row as stacked bars (ms per token)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    parts = {
-        "I/O": [rows[n].get("io_ms", 0.0) for n in names],
-        "memory management": [rows[n].get("mem_ms", 0.0) for n in names],
-        "compute": [rows[n].get("compute_ms", rows[n]["total_ms"]) for n in names],
-    }
-    # The peer reports only its total; the pipeline's I/O overlaps compute (its wait is what
-    # shows): draw what each row's total is made of without overlap double counting.
-    for i, n in enumerate(names):
-        if n in PIPELINE_ROWS:
-            parts["I/O"][i] = rows[n].get("wait_ms", 0.0)
-            parts["memory management"][i] = 0.0
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
-    left = [0.0] * len(names)
-    for label, values in parts.items():
-        ax.barh(names, values, left=left, label=label)
-        left = [a + b for a, b in zip(left, values, strict=True)]
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per token (mean)")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from streamer.apps.bench import ROWS, BenchSettings, markdown, run_bench
+from streamer.apps.bench import ROWS, BenchSettings, run_bench
+from streamer.apps.bench_report import markdown
 from streamer.cli.common import add_threads, set_threads
 from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError
@@ -120,6 +121,15 @@ def register(sub) -> None:
         help="engine rows: the compute dtype (default: float32 for dense, the stored dtype "
         "otherwise)",
     )
+    p.add_argument(
+        "--also",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="other conversions of MODEL (convert --quant KIND), calibrated: an all row each, "
+        "named all-KIND, at the same DRAM budget in bytes",
+    )
     add_threads(p)
     p.set_defaults(handler=cmd_bench)
 
@@ -176,6 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lookahead_p=args.lookahead_p,
         quant_resident=args.quant_resident,
         dtype=args.dtype,
+        also=tuple(args.also),
     )
     report = run_bench(converted_dir(args.model), settings)
     print(json.dumps(report, default=str) if args.json else markdown(report))
