@@ -23,7 +23,7 @@ from streamer.layout import RESIDENT_FILE, BundleLayout, ConvertedModel
 from streamer.model import FFNWeights, ffn_forward
 
 ROW_BUCKET = 64  # row counts are rounded up to this (see rows_forward)
-NEURON_BLOCK = 1024  # neurons of a block kind dequantized at a time over a whole layer
+NEURON_BLOCK = 512  # neurons of a block kind dequantized at a time (float32 copies of them)
 BIAS_KEYS = ("up_bias", "gate_bias", "down_bias")
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -208,6 +208,11 @@ def rows_forward(
     c = len(ids)
     if c == 0:
         return torch.zeros_like(x)
+    if layout.kind.quantized and c > NEURON_BLOCK:  # a bounded float32 copy at a time
+        out = torch.zeros_like(x)
+        for i in range(0, c, NEURON_BLOCK):
+            out += rows_forward(x, layout, biases, act, rows[i:], ids[i : i + NEURON_BLOCK])
+        return out
     n = min(rows.shape[0], -(-c // ROW_BUCKET) * ROW_BUCKET)
     parts = layout.unpack(rows[:n])
     up_b, gate_b = biases["up_bias"], biases["gate_bias"]
