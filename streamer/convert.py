@@ -67,13 +67,14 @@ def convert(
     force: bool = False,
     progress: bool = True,
     quant: str | None = None,
+    quant_down: str | None = None,
 ) -> ConvertResult:
     """dtype: the resident part's (and the bundles', unless `quant` names their kind:
-    `streamer.blocks.KINDS`). A bad kind, or a model its blocks do not fit, is a ConfigError
-    before anything is written."""
+    `streamer.blocks.KINDS`; `quant_down` the down part's, where it differs). A bad kind, or
+    a model its blocks do not fit, is a ConfigError before anything is written."""
     out = Path(out).expanduser()
     torch_dtype = parse_dtype(dtype)
-    layout = BundleLayout.for_config(source.config, torch_dtype, quant)
+    layout = BundleLayout.for_config(source.config, torch_dtype, quant, quant_down)
     fingerprint = source_fingerprint(source)
     if out.exists():
         if not out.is_dir():
@@ -90,6 +91,7 @@ def convert(
                 old.get("source", {}).get("fingerprint") == fingerprint
                 and old.get("dtype") == dtype
                 and old.get("bundle", {}).get("quant") == layout.kind.name
+                and old.get("bundle", {}).get("quant_down") == layout.down_kind.name
             )
             if same and not force:
                 return ConvertResult(out, False, 0)
@@ -97,7 +99,7 @@ def convert(
                 held = old.get("source", {}).get("description", "another model")
                 raise ModelFormatError(
                     f"{out} already holds another model ({held}, {old.get('dtype')}, "
-                    f"{old.get('bundle', {}).get('quant')}); pick another directory or pass "
+                    f"FFN {old.get('bundle', {}).get('quant')}); pick another directory or pass "
                     "--force to replace it"
                 )
         elif any(out.iterdir()):

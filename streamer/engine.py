@@ -136,9 +136,8 @@ class FlashFFN:
         self.dense_prefill = True  # eval turns it off to score every token through the window
         self.fresh = [True] * cfg.n_layers
         self.activity = predictors.activity if predictors is not None else [0.0] * cfg.n_layers
-        self.part_bytes = lay.part_bytes
         if mode == "window":
-            span = vector_span(self.part_bytes)
+            span = vector_span(lay.record_bytes)
             self.vector_scratch = aligned_buffer(VECTOR_BATCH * span).view(VECTOR_BATCH, span)
         if mode == "oracle":
             # The true active set needs every neuron's up (and gate) vectors: a dense copy in
@@ -227,19 +226,19 @@ class FlashFFN:
         self, layer: int, ids: np.ndarray, rows: torch.Tensor, read: ReadStats
     ) -> float:
         """The unbundled layout's reads: each part of each neuron on its own (aligned span)."""
-        lay, pb, mem = self.layout, self.part_bytes, 0.0
-        jobs = [(r, j) for r in range(len(ids)) for j in range(len(lay.parts))]
+        lay, mem = self.layout, 0.0
+        jobs = [(r, span) for r in range(len(ids)) for span in lay.part_spans]
         for b in range(0, len(jobs), VECTOR_BATCH):
             batch, reqs, cuts = jobs[b : b + VECTOR_BATCH], [], []
-            for slot, (r, j) in enumerate(batch):
-                start = lay.offset(layer, int(ids[r])) + j * pb
-                lo, hi = start // ALIGN * ALIGN, -(-(start + pb) // ALIGN) * ALIGN
+            for slot, (r, (a, e)) in enumerate(batch):
+                start = lay.offset(layer, int(ids[r])) + a
+                lo, hi = start // ALIGN * ALIGN, -(-(start + e - a) // ALIGN) * ALIGN
                 reqs.append((lo, memoryview(self.vector_scratch[slot, : hi - lo].numpy())))
                 cuts.append(start - lo)
             self.reader.read(reqs, read)
             t0 = time.perf_counter()
-            for slot, ((r, j), cut) in enumerate(zip(batch, cuts, strict=True)):
-                rows[r, j * pb : (j + 1) * pb] = self.vector_scratch[slot, cut : cut + pb]
+            for slot, ((r, (a, e)), cut) in enumerate(zip(batch, cuts, strict=True)):
+                rows[r, a:e] = self.vector_scratch[slot, cut : cut + e - a]
             mem += time.perf_counter() - t0
         return mem
 
@@ -429,7 +428,7 @@ def load_engine(
                 scratch_rows=cfg.d_ffn,
                 # the bundles' checksums; the window mode's landing area for its unbundled reads
                 extra=model.sums.nbytes
-                + (VECTOR_BATCH * vector_span(lay.part_bytes) if mode == "window" else 0),
+                + (VECTOR_BATCH * vector_span(lay.record_bytes) if mode == "window" else 0),
             )
             if mode in SPARSE_MODES:
                 plan_memory(plan, cfg.d_ffn, f"mode {mode}")
@@ -496,6 +495,7 @@ def naive_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.T
     return load_resident(model, dtype, [n for n in model.resident_names() if ".ffn." in n])
 
 
-def vector_span(part_bytes: int) -> int:
-    """Bytes of the aligned span that holds one weight vector wherever it starts."""
-    return -(-part_bytes // ALIGN) * ALIGN + ALIGN
+def vector_span(vector_bytes: int) -> int:
+    """Bytes of an aligned span that holds a weight vector of at most `vector_bytes` wherever
+    it starts (a record's size bounds each of its parts)."""
+    return -(-vector_bytes // ALIGN) * ALIGN + ALIGN

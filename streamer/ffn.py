@@ -106,7 +106,7 @@ def layer_forward(
     """A whole layer's FFN from its records, x: [T, d] -> [T, d]. A block kind is dequantized
     NEURON_BLOCK neurons at a time, so that a prompt never holds a float copy of the layer
     beside the budget; `on_activations(h)` sees each block's activations, in order."""
-    if not layout.kind.quantized:
+    if not layout.dequantized:
         return ffn_forward(x, layer_weights(layout, records, biases), act, on_activations)
     out = None
     for i in range(0, records.shape[0], NEURON_BLOCK):
@@ -208,7 +208,7 @@ def rows_forward(
     c = len(ids)
     if c == 0:
         return torch.zeros_like(x)
-    if layout.kind.quantized and c > NEURON_BLOCK:  # a bounded float32 copy at a time
+    if layout.dequantized and c > NEURON_BLOCK:  # a bounded float32 copy at a time
         out = torch.zeros_like(x)
         for i in range(0, c, NEURON_BLOCK):
             out += rows_forward(x, layout, biases, act, rows[i:], ids[i : i + NEURON_BLOCK])

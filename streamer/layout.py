@@ -69,29 +69,58 @@ class BundleLayout:
     n_neurons: int
     stride: int  # bytes per record, a multiple of RECORD_ALIGN
     layer_offsets: tuple[int, ...]
-    kind: Kind
+    kind: Kind  # the parts' kind
+    down_kind: Kind  # the down part's (the same unless asked otherwise)
 
     @classmethod
     def for_config(
-        cls, cfg: ModelConfig, dtype: torch.dtype, quant: str | None = None
+        cls,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        quant: str | None = None,
+        quant_down: str | None = None,
     ) -> BundleLayout:
         """quant: the bundles' kind (`streamer.blocks.KINDS`); None: the float kind of dtype.
-        ConfigError when the kind is unknown or its blocks do not divide d_model."""
+        quant_down: the down part's, when it differs. ConfigError when a kind is unknown or its
+        blocks do not divide d_model."""
         k = bundle_kind(quant or FLOAT_KIND[dtype_name(dtype)])
+        kd = k if quant_down is None else bundle_kind(quant_down)
         parts = ("gate", "up", "down") if cfg.gated else ("up", "down")
-        record = len(parts) * k.row_bytes(cfg.d_model, "hidden size (d_model)")
+        what = "hidden size (d_model)"
+        record = sum((kd if p == "down" else k).row_bytes(cfg.d_model, what) for p in parts)
         stride = -(-record // RECORD_ALIGN) * RECORD_ALIGN
         offsets = tuple(i * cfg.d_ffn * stride for i in range(cfg.n_layers))
-        compute = k.float_dtype or torch.float32
-        return cls(parts, cfg.d_model, compute, cfg.d_ffn, stride, offsets, k)
+        same_float = k == kd and not k.quantized
+        compute = k.float_dtype if same_float else torch.float32
+        return cls(parts, cfg.d_model, compute, cfg.d_ffn, stride, offsets, k, kd)
 
     @property
-    def part_bytes(self) -> int:
-        return self.kind.row_bytes(self.d_model)
+    def quant_name(self) -> str:
+        """The kind's name, with down's after a slash where it differs: "q4_1/q8_0"."""
+        same = self.down_kind == self.kind
+        return self.kind.name if same else f"{self.kind.name}/{self.down_kind.name}"
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether computing on records needs float copies (not views) of them."""
+        return self.kind.quantized or self.down_kind != self.kind
+
+    @property
+    def part_kinds(self) -> tuple[Kind, ...]:
+        return tuple(self.down_kind if p == "down" else self.kind for p in self.parts)
+
+    @property
+    def part_spans(self) -> tuple[tuple[int, int], ...]:
+        """Each part's first and end byte in a record."""
+        spans, at = [], 0
+        for k in self.part_kinds:
+            spans.append((at, at + k.row_bytes(self.d_model)))
+            at = spans[-1][1]
+        return tuple(spans)
 
     @property
     def record_bytes(self) -> int:
-        return len(self.parts) * self.part_bytes
+        return self.part_spans[-1][1]
 
     @property
     def layer_bytes(self) -> int:
@@ -107,11 +136,11 @@ class BundleLayout:
     def pack(self, w: FFNWeights, raw: dict[str, np.ndarray] | None = None) -> torch.Tensor:
         """One layer's matrices into records: [n_neurons, stride] bytes. `raw`: parts already
         in the bundle's kind (a GGUF file's own blocks), copied instead of quantized."""
-        d, n, pb = self.d_model, self.n_neurons, self.part_bytes
+        d, n = self.d_model, self.n_neurons
         rec = np.zeros((n, self.stride), dtype=np.uint8)
-        for j, part in enumerate(self.parts):
+        for part, k, (a, b) in zip(self.parts, self.part_kinds, self.part_spans, strict=True):
             if raw is not None and part in raw:
-                rec[:, j * pb : (j + 1) * pb] = raw[part]
+                rec[:, a:b] = raw[part]
                 continue
             m = getattr(w, part)
             if m is None or tuple(m.shape) != (n, d):
@@ -119,20 +148,20 @@ class BundleLayout:
                     f"FFN {part} has shape {None if m is None else tuple(m.shape)}"
                     f", expected {(n, d)}"
                 )
-            rec[:, j * pb : (j + 1) * pb] = quantize(m, self.kind)
+            rec[:, a:b] = quantize(m, k)
         return torch.from_numpy(rec)
 
     def unpack(self, records: torch.Tensor) -> dict[str, torch.Tensor]:
-        """records: [k, stride] bytes -> {part: [k, d]} in `dtype`: views of the records for a
-        float kind, dequantized copies for a block kind."""
-        d, pb = self.d_model, self.part_bytes
-        if not self.kind.quantized:
+        """records: [k, stride] bytes -> {part: [k, d]} in `dtype`: views of the records for
+        one float kind, dequantized copies otherwise."""
+        d = self.d_model
+        if not self.dequantized:
             rows = records.view(self.dtype)
             return {part: rows[:, j * d : (j + 1) * d] for j, part in enumerate(self.parts)}
         k = records.shape[0]
         return {
-            part: dequantize(records[:, j * pb : (j + 1) * pb], self.kind, torch.empty(k, d))
-            for j, part in enumerate(self.parts)
+            part: dequantize(records[:, a:b], kind, torch.empty(k, d))
+            for part, kind, (a, b) in zip(self.parts, self.part_kinds, self.part_spans, strict=True)
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +169,7 @@ class BundleLayout:
             "parts": list(self.parts),
             "d_model": self.d_model,
             "quant": self.kind.name,
+            "quant_down": self.down_kind.name,
             "n_neurons": self.n_neurons,
             "record_bytes": self.record_bytes,
             "stride": self.stride,
@@ -231,11 +261,13 @@ class ConvertedModel:
         try:
             self.config = ModelConfig.from_dict(m["config"])
             self.dtype = parse_dtype(m["dtype"])  # the resident part's
-            quant = m["bundle"].get("quant")
-            if not isinstance(quant, str):
-                raise ModelFormatError(f"{self.directory / MANIFEST}: bundle.quant is missing")
+            quant, down = m["bundle"].get("quant"), m["bundle"].get("quant_down")
+            if not isinstance(quant, str) or not isinstance(down, str):
+                raise ModelFormatError(
+                    f"{self.directory / MANIFEST}: bundle.quant or bundle.quant_down is missing"
+                )
             try:
-                self.layout = BundleLayout.for_config(self.config, self.dtype, quant)
+                self.layout = BundleLayout.for_config(self.config, self.dtype, quant, down)
             except ConfigError as e:
                 raise ModelFormatError(f"{self.directory / MANIFEST}: {e}") from None
             expected = self.layout.to_dict()

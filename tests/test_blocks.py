@@ -66,10 +66,16 @@ def relu(tmp_path_factory):
     src = make_sparse_opt(base / "hf")
     made = {}
 
-    def get(quant: str):
+    def get(quant: str):  # "q4_1/q8_0": down in another kind
         if quant not in made:
+            kind, _, down = quant.partition("/")
             made[quant] = convert(
-                HFSource(src), base / quant, dtype="float32", quant=quant, progress=False
+                HFSource(src),
+                base / quant.replace("/", "-"),
+                dtype="float32",
+                quant=kind,
+                quant_down=down or None,
+                progress=False,
             ).directory
         return made[quant]
 
@@ -95,9 +101,10 @@ class PackageDequantized:
         raw = np.fromfile(
             self.model.ffn_path, np.uint8, lay.layer_bytes, offset=lay.layer_offsets[layer]
         ).reshape(lay.n_neurons, lay.stride)
-        pb, parts = lay.part_bytes, {}
-        for j, part in enumerate(lay.parts):
-            values = quants.dequantize(raw[:, j * pb : (j + 1) * pb], lay.kind.ggml)
+        parts = {}
+        for part, k, (a, b) in zip(lay.parts, lay.part_kinds, lay.part_spans, strict=True):
+            values = quants.dequantize(raw[:, a:b], k.ggml) if k.quantized else raw[:, a:b]
+            values = values.view(np.float16) if k.name == "f16" else values
             parts[part] = torch.from_numpy(np.array(values, dtype=np.float32))
         return ffn_from_resident(self.resident, self.config, layer, **{"gate": None, **parts})
 
@@ -112,7 +119,7 @@ def budget_for_rows(directory, mode: str, rows: int) -> int:
         return e.plan.total
 
 
-@pytest.mark.parametrize("quant", BLOCK_KINDS)
+@pytest.mark.parametrize("quant", [*BLOCK_KINDS, "q4_1/q8_0", "q4_0/f16"])
 def test_a_quantized_model_equals_the_package_dequantizing_the_same_blocks(quant, relu):
     directory = relu(quant)
     tokens, ref = greedy_with_logits(load_dense(PackageDequantized(directory)), PROMPT, 8)
@@ -123,7 +130,7 @@ def test_a_quantized_model_equals_the_package_dequantizing_the_same_blocks(quant
         assert (got - ref).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1/q8_0"])
 def test_oracle_equals_dense_on_a_quantized_relu_model(quant, relu):
     directory = relu(quant)
     tight = budget_for_rows(directory, "oracle", 16)

@@ -78,3 +78,27 @@ def test_converted_default_decodes_like_the_gguf(gguf_source, tokenizer):
     assert converted.manifest["dtype"] == "float16"
     prompt = tokenizer.chat(PROMPT)
     assert greedy(converted, prompt) == greedy(gguf_source, prompt)
+
+
+def test_a_4_bit_conversion_keeps_the_files_own_gate_and_up_blocks(gguf_source, tmp_path):
+    """`--quant q4_1 --quant-down q8_0` of the default (Q4_1) file: every neuron's gate and up
+    vectors are the file's own blocks, byte for byte; down, a column across the file's blocks,
+    is quantized again, in 8 bits."""
+    import numpy as np
+
+    from streamer.convert import convert
+    from streamer.layout import ConvertedModel
+
+    out = convert(gguf_source, tmp_path / "q4", quant="q4_1", quant_down="q8_0", progress=False)
+    model = ConvertedModel(out.directory)
+    lay = model.layout
+    assert lay.quant_name == "q4_1/q8_0" and lay.stride == 1536  # 2 x 360 + 612 bytes
+    for layer in (0, model.config.n_layers - 1):
+        records = model.read_layer(layer).numpy()
+        for part, (a, b) in zip(lay.parts, lay.part_spans, strict=True):
+            if part != "down":
+                own = gguf_source.tensors[f"blk.{layer}.ffn_{part}.weight"].data
+                assert np.array_equal(records[:, a:b], own)
+        w = gguf_source.ffn(layer)
+        down = model.ffn(layer).down  # dequantized: within q8_0's step of the file's values
+        assert (down - w.down).abs().max() <= w.down.abs().max() / 127

@@ -406,7 +406,7 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         "model": str(directory),
         "family": cfg.family,
         "model_bytes": model_bytes,
-        "quant": lay.kind.name,
+        "quant": lay.quant_name,
         "dram_budget": budget,
         "window": settings.window,
         "prompt_tokens": PROMPT_TOKENS,
@@ -488,10 +488,10 @@ def _other_kinds(model: ConvertedModel, dirs: tuple[Path, ...]) -> dict[str, Pat
         other = ConvertedModel(d)
         if other.manifest["config"] != model.manifest["config"]:
             raise ConfigError(f"--also {d}: not a conversion of {model.directory}'s model")
-        name = f"all-{other.layout.kind.name}"
-        if name in out or other.layout.kind == model.layout.kind:
-            raise ConfigError(f"--also {d}: a second {other.layout.kind.name} conversion")
-        out[name] = d
+        kind = other.layout.quant_name
+        if f"all-{kind}" in out or kind == model.layout.quant_name:
+            raise ConfigError(f"--also {d}: a second {kind} conversion")
+        out[f"all-{kind}"] = d
     return out
 
 

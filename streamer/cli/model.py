@@ -11,6 +11,7 @@ from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.cli.common import add_threads, set_threads
 from streamer.convert import convert, verify
 from streamer.errors import ConfigError
+from streamer.layout import ConvertedModel
 from streamer.registry import converted_dir, default_gguf, open_source
 from streamer.sources import GGUFSource
 from streamer.synth import synth
@@ -36,6 +37,12 @@ def register(sub) -> None:
         metavar="KIND",
         help=f"the FFN bundles' kind: {', '.join(KINDS)} (default: --dtype's own float kind; "
         "q8_0 and q4_* are GGUF's blocks of 32 values)",
+    )
+    p.add_argument(
+        "--quant-down",
+        metavar="KIND",
+        help="the down vectors' kind, where it should differ from --quant (e.g. --quant q4_1 "
+        "--quant-down q8_0: a 4-bit GGUF file's gate and up blocks kept, down in 8 bits)",
     )
     p.add_argument("--force", action="store_true", help="replace a model OUT already holds")
     p.set_defaults(handler=cmd_convert)
@@ -163,12 +170,21 @@ def register(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if args.quant is not None:
-        kind(args.quant)  # an unknown kind is refused before the source is opened
+    for name in (args.quant, args.quant_down):
+        if name is not None:
+            kind(name)  # an unknown kind is refused before the source is opened
     # the default model from its own GGUF file, so that --quant q4_1 keeps the file's blocks
     source = GGUFSource(default_gguf()) if args.src == "default" else open_source(args.src)
-    result = convert(source, args.out, dtype=args.dtype, force=args.force, quant=args.quant)
-    what = args.dtype if args.quant is None else f"{args.dtype}, FFN {args.quant}"
+    result = convert(
+        source,
+        args.out,
+        dtype=args.dtype,
+        force=args.force,
+        quant=args.quant,
+        quant_down=args.quant_down,
+    )
+    lay = ConvertedModel(result.directory).layout
+    what = f"{args.dtype}, FFN {lay.quant_name}"
     if result.converted:
         print(
             f"converted {source.description} -> {result.directory} "
