@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from streamer.config import ModelConfig
-from streamer.errors import ModelFormatError
+from streamer.errors import ConfigError, ModelFormatError
 
 # llama.cpp's pre-tokenizer regexes, by the name a GGUF gives in tokenizer.ggml.pre.
 _LLAMA3_SPLIT = (
@@ -175,28 +177,79 @@ class Tokenizer:
 
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """Token ids of one user turn wrapped in the model's chat template, ready for the reply."""
-        if not self.spec.chat_template:
-            raise ModelFormatError("this model has no chat template; drop --chat")
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
+        return self.chat_messages(messages)
+
+    def chat_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (messages with a role and a content, several turns)
+        wrapped in the model's chat template, ready for the assistant's reply. The template is
+        rendered as transformers' `apply_chat_template` renders it (see `template_environment`)."""
+        if not self.spec.chat_template:
+            raise ModelFormatError("this model has no chat template; drop --chat")
+        check_messages(messages)
         try:
-            text = env.from_string(self.spec.chat_template).render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.spec.bos_token or "",
-                eos_token=self.spec.eos_token or "",
+            text = (
+                template_environment()
+                .from_string(self.spec.chat_template)
+                .render(
+                    messages=messages,
+                    add_generation_prompt=True,
+                    bos_token=self.spec.bos_token or "",
+                    eos_token=self.spec.eos_token or "",
+                )
             )
         except TemplateError as e:
             raise ModelFormatError(f"the model's chat template failed: {e}") from None
         # The template writes any BOS itself, as transformers' apply_chat_template assumes.
         return self.encode(text, add_special_tokens=False)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: object) -> None:
+    """ConfigError naming the message at fault unless `messages` is a non-empty list of
+    {"role": one of ROLES, "content": text}."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError("messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ConfigError(f"messages[{i}] needs a role, one of {', '.join(ROLES)}", "messages")
+        if not isinstance(m.get("content"), str):
+            raise ConfigError(f"messages[{i}].content must be a string", "messages")
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise ConfigError(
+                f"messages[{i}] has fields this server does not take: {', '.join(sorted(extra))}",
+                "messages",
+            )
+
+
+def template_environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox transformers renders chat templates in (`_compile_jinja_template`): loop
+    controls (`{% break %}`, `{% continue %}`), `raise_exception`, `strftime_now`, and `tojson`
+    keeping non-ASCII text as it is."""
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
 
 
 class TextStream:
