@@ -1,8 +1,8 @@
 """Token generation: prefill the prompt, then decode one token at a time until EOS or the limit.
 
-Greedy at temperature 0; otherwise temperature and top-p (nucleus) sampling from a seeded
-generator, so a run is reproducible. `Generation` is an iterator of token ids that keeps the run's
-timings in `summary` once it is exhausted.
+Greedy at temperature 0; otherwise temperature, top-k, top-p (nucleus) and min-p sampling from a
+seeded generator, so a run is reproducible; a repetition penalty applies to both. `Generation` is
+an iterator of token ids that keeps the run's timings in `summary` once it is exhausted.
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ from streamer.interface import Decoder
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Sampling as transformers' logits processors do it, in their order: repetition penalty
+    (on every token of the prompt and the reply so far), temperature, top-k, top-p, min-p.
+    0 (top_k), 1.0 (top_p, repetition_penalty) and 0.0 (min_p) turn a filter off."""
+
     max_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -33,22 +40,57 @@ class SamplingParams:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}", "top_k")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}", "min_p")
+        if not 0 < self.repetition_penalty <= 100:
+            raise ConfigError(
+                f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """logits: [vocab] -> one token id."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """The repetition penalty (CTRL's, as transformers applies it): each seen token's logit is
+    divided by `penalty` where positive, multiplied where negative."""
+    if penalty == 1.0 or not seen:
+        return logits
+    ids = torch.tensor(sorted(set(seen)))
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [vocab] (penalized) -> the distribution a token is drawn from (float64)."""
     # Shifted so that the best logit is 0: a tiny temperature then sends the others to -inf
     # (probability 0) instead of every logit to +-inf (NaN), and sampling becomes greedy.
     logits = logits.double()
     probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+    if 0 < params.top_k < probs.numel():
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
     if params.top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < params.top_p
+        mass = sorted_p.sum()
+        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < params.top_p * mass
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    if params.min_p > 0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, 0.0)
+    return probs / probs.sum()
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, seen: list[int] = ()
+) -> int:
+    """logits: [vocab] -> one token id; `seen`: the tokens the repetition penalty applies to."""
+    logits = penalize(logits, list(seen), params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=gen))
 
 
 @dataclass
@@ -82,7 +124,7 @@ class Generation:
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         while True:
-            token = sample(logits, p, gen)
+            token = sample(logits, p, gen, self.prompt_ids + self.token_ids)
             self.token_ids.append(token)
             yield token
             if token in p.stop_ids:
