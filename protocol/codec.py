@@ -66,6 +66,14 @@ def _check_type(kind: str, name: str, annotation: str, value: Any) -> Any:
         ok = isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         )
+    elif annotation == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif annotation == "list[dict[str, str]]":
+        ok = isinstance(value, list) and all(
+            isinstance(m, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+            for m in value
+        )
     elif annotation.startswith("dict["):
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     else:  # a schema bug, not a peer's

@@ -43,6 +43,13 @@ class Limits:
     n_rows: int = 1 << 26  # rows of the pipeline's shared memory
 
 
+# A request's conversation and stop strings: bounded so that, with the prompt characters'
+# bound, any accepted request fits the header limit (their keys and framing stay within 64 KiB).
+MAX_MESSAGES = 1024
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ProtocolError(message)
@@ -114,7 +121,10 @@ class Dead(Message):
 
 @dataclass(frozen=True)
 class Generate(Message):
-    """Start a request: exactly one of `prompt` (text) and `prompt_ids` (token ids)."""
+    """Start a request: exactly one of `prompt` (text), `prompt_ids` (token ids) and `messages`
+    (a conversation: {"role", "content"} each, rendered with the model's chat template).
+    Sampling as `streamer.generate.SamplingParams`; the reply ends before the first of `stop`
+    (strings) it would contain."""
 
     KIND: ClassVar[str] = "generate"
     request_id: str
@@ -127,15 +137,31 @@ class Generate(Message):
     chat: bool = False
     system: str = ""
     ignore_eos: bool = False
+    messages: list[dict[str, str]] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def check(self, limits: Limits) -> None:
         _need(0 < len(self.request_id) <= 128, "generate.request_id must be 1 to 128 characters")
         _need(
-            bool(self.prompt) != bool(self.prompt_ids),
-            "generate needs exactly one of prompt and prompt_ids",
+            (bool(self.prompt), bool(self.prompt_ids), bool(self.messages)).count(True) == 1,
+            "generate needs exactly one of prompt, prompt_ids and messages",
+        )
+        _need(len(self.messages) <= MAX_MESSAGES, f"generate.messages: at most {MAX_MESSAGES}")
+        _need(
+            all(set(m) <= {"role", "content", "name"} for m in self.messages),
+            "generate.messages: each takes role, content and name only",
         )
         _need(
-            len(self.prompt) + len(self.system) <= limits.max_prompt_chars,
+            len(self.stop) <= MAX_STOP and all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+            f"generate.stop: at most {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters",
+        )
+        text = len(self.prompt) + len(self.system) + sum(len(s) for s in self.stop)
+        text += sum(len(v) for m in self.messages for v in m.values())
+        _need(
+            text <= limits.max_prompt_chars,
             f"generate.prompt is longer than {limits.max_prompt_chars} characters",
         )
         _need(
@@ -156,6 +182,12 @@ class Generate(Message):
         )
         _need(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p}")
         _need(0 <= self.seed < 2**63, "generate.seed must be in [0, 2**63)")
+        _need(0 <= self.top_k < 2**31, f"generate.top_k must be >= 0, got {self.top_k}")
+        _need(0 <= self.min_p < 1, f"generate.min_p must be in [0, 1), got {self.min_p}")
+        _need(
+            0 < self.repetition_penalty <= 100,
+            f"generate.repetition_penalty must be in (0, 100], got {self.repetition_penalty}",
+        )
 
 
 @dataclass(frozen=True)

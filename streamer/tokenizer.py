@@ -254,21 +254,40 @@ def template_environment() -> ImmutableSandboxedEnvironment:
 
 class TextStream:
     """A reply's text as it grows, token by token: `push(ids)` gives the new text since the last
-    call, holding back a partial UTF-8 character until its last byte arrives."""
+    call, holding back a partial UTF-8 character until its last byte arrives. With `stop`
+    strings, the text ends before the first one it contains (`stopped` is then set), and a tail
+    that may be the start of one is held back until the next tokens say."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.shown = tokenizer, ""
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] | list[str] = ()) -> None:
+        self.tokenizer, self.shown, self.stop, self.stopped = tokenizer, "", tuple(stop), False
+
+    def _cut(self, text: str, hold: bool) -> str:
+        at = [i for s in self.stop if (i := text.find(s)) >= 0]
+        if at:
+            self.stopped = True
+            return text[: min(at)]
+        if hold:
+            tail = [k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])]
+            return text[: len(text) - max(tail, default=0)]
+        return text
 
     def push(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
         text = self.tokenizer.decode(ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
+        if text.endswith("\ufffd"):
+            return ""
+        text = self._cut(text, hold=True)
+        if not text.startswith(self.shown):
             return ""
         delta, self.shown = text[len(self.shown) :], text
         return delta
 
     def finish(self, ids: list[int]) -> str:
         """What is left to show once the reply is complete."""
-        text = self.tokenizer.decode(ids)
+        if self.stopped:
+            return ""
+        text = self._cut(self.tokenizer.decode(ids), hold=False)
         delta = text[len(self.shown) :] if text.startswith(self.shown) else ""
         self.shown = text
         return delta

@@ -58,6 +58,9 @@ async def collect(client, **kw) -> Done:
 # One valid message of every kind (and a few variants): the protocol tests' and fuzzers' seeds.
 LIMITS = Limits(vocab_size=49152, n_layers=30, d_model=576, n_neurons=1536, row_bytes=4096)
 ids = np.array([3, 4, 5, 900], dtype=np.int64)
+FETCH_TAKE = Fetch(
+    "r1", 3, 13, ids, np.arange(4), cached=6, take=np.array([0, 2, 5], dtype=np.int64)
+)
 EXAMPLES = [
     Hello(PROTOCOL_VERSION, "client", "test"),
     Welcome(PROTOCOL_VERSION, "SmolLM2-135M-Instruct", 49152, 30, 8192),
@@ -91,5 +94,13 @@ EXAMPLES = [
     LayerReady("s1", 5, 1, 1 << 20, 4, 2.5),
     LayerReady("s1", 5, 1, data=np.ones((1536, 4096), dtype=np.uint8)),
     # the window rows of a token's neurons, for compute to gather
-    Fetch("r1", 3, 13, ids, np.arange(4), cached=6, take=np.array([0, 2, 5], dtype=np.int64)),
+    FETCH_TAKE,
+    Generate(
+        "r3",
+        messages=[{"role": "system", "content": "é"}, {"role": "user", "content": "hi"}],
+        stop=["\n\n", "User:"],
+        top_k=40,
+        min_p=0.05,
+        repetition_penalty=1.1,
+    ),
 ]

@@ -24,7 +24,7 @@ from protocol.messages import (
     ProtocolError,
     Token,
 )
-from tests.helpers import EXAMPLES, LIMITS, ids
+from tests.helpers import EXAMPLES, FETCH_TAKE, LIMITS, ids
 
 
 def same(a, b) -> bool:
@@ -110,8 +110,8 @@ def tamper(msg, **changes) -> list:
         (tamper(EXAMPLES[13], a__moves=["int64", [1, 4], 4]), "moves must have shape"),
         (tamper(EXAMPLES[13], a__data=["uint8", [2, 8192], 5]), "one row per neuron"),
         (tamper(EXAMPLES[11], a__neurons=None), "fetch.neurons is missing"),
-        (tamper(EXAMPLES[-1], f__cached=2), "take has more rows than the window holds"),
-        (tamper(EXAMPLES[-1], f__cached=5), r"take must lie in \[0, 5\)"),
+        (tamper(FETCH_TAKE, f__cached=2), "take has more rows than the window holds"),
+        (tamper(FETCH_TAKE, f__cached=5), r"take must lie in \[0, 5\)"),
     ],
 )
 def test_malformed_messages_are_named(frames, match):

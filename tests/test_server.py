@@ -349,3 +349,55 @@ async def test_a_second_server_on_a_live_endpoint_is_refused(served):
         async with Client(endpoint, timeout=30) as client:  # the first still serves
             assert client.welcome.vocab_size == 320
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_conversation_stop_strings_and_sampling_filters_through_the_server(
+    hf_model, tmp_path
+):
+    """messages render with the chat template; the reply's text ends before a stop string, the
+    streamed text equals it, and the filters reach the sampler (the engine's own tokens)."""
+    source = HFSource(hf_model("llama"))
+    spec = source.tokenizer()
+    spec.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer = spec.build()
+    endpoint = f"ipc://{tmp_path}/run/front.sock"
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "the quick"},
+        {"role": "assistant", "content": "brown fox"},
+        {"role": "user", "content": "jumps over"},
+    ]
+    prompt_ids = tokenizer.chat_messages(conversation)
+    sampling = dict(temperature=0.9, top_k=7, min_p=0.05, repetition_penalty=1.4, seed=5)
+    want = Generation(
+        dense_engine(source, torch.float32, 128),
+        prompt_ids,
+        SamplingParams(max_tokens=12, **sampling),
+    ).run()
+    async with anyio.create_task_group() as tg:
+        server = Server(
+            dense_engine(source, torch.float32, 128),
+            tokenizer,
+            ServerSettings(endpoint),
+            stop_ids=(),
+        )
+        await tg.start(server.serve)
+        async with Client(endpoint, timeout=30) as client:
+            done = await collect(client, messages=conversation, max_tokens=12, **sampling)
+            assert done.token_ids == want
+            text = tokenizer.decode(want)
+            stop = text[len(text) // 2 : len(text) // 2 + 3]
+            streamed = []
+            async for event in client.generate(
+                messages=conversation, max_tokens=12, stop=["never there", stop], **sampling
+            ):
+                streamed.append(event.text)
+            assert event.summary["stop_reason"] == "stop"
+            assert event.text == text[: text.find(stop)] == "".join(streamed[:-1])
+            with pytest.raises(ClientError, match=r"messages\[0\] needs a role"):
+                await collect(client, messages=[{"role": "wizard", "content": "x"}])
+        tg.cancel_scope.cancel()

@@ -119,8 +119,16 @@ class Client:
         chat: bool = False,
         system: str = "",
         ignore_eos: bool = False,
+        messages: list[dict[str, str]] | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> AsyncIterator[Token | Done]:
-        """Tokens as they are made, then one Done; raises ClientError on an error reply."""
+        """Tokens as they are made, then one Done; raises ClientError on an error reply. One of
+        `prompt`, `prompt_ids` and `messages` (a conversation of several turns, {"role",
+        "content"} each, rendered with the model's chat template); the reply's text ends before
+        the first of `stop` it would contain."""
         request = Generate(
             uuid.uuid4().hex,
             prompt,
@@ -132,6 +140,11 @@ class Client:
             chat,
             system,
             ignore_eos,
+            messages=[dict(m) for m in messages or []],
+            stop=list(stop),
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
         )
         send, inbox = self._route(request.request_id)
         finished = False

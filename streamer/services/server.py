@@ -275,6 +275,8 @@ class Server:
             return
         if r.prompt_ids:
             prompt_ids = list(r.prompt_ids)
+        elif r.messages:
+            prompt_ids = tok.chat_messages(list(r.messages))
         else:
             prompt_ids = tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
         if len(prompt_ids) + r.max_tokens > self.context:
@@ -288,12 +290,15 @@ class Server:
             top_p=r.top_p,
             seed=r.seed,
             stop_ids=() if r.ignore_eos else self.eos_ids,
+            top_k=r.top_k,
+            min_p=r.min_p,
+            repetition_penalty=r.repetition_penalty,
         )
         t0 = time.perf_counter()
         self.engine.telemetry.reset()
         run = Generation(self.engine, prompt_ids, params)
         tokens = iter(run)
-        stream = TextStream(tok)
+        stream = TextStream(tok, r.stop)
         while True:
             token = await anyio.to_thread.run_sync(next, tokens, None)
             if token is None:
@@ -302,9 +307,13 @@ class Server:
             await self._reply(
                 sock, job.identity, Token(r.request_id, len(run.token_ids) - 1, token, delta)
             )
+            if stream.stopped:
+                run.stop_reason = "stop"
+                break
             if job.cancelled.is_set():
                 run.stop_reason = "cancelled"
                 break
+        stream.finish(run.token_ids)
         self.counts["cancelled" if run.stop_reason == "cancelled" else "done"] += 1
         summary = {
             "mode": self.engine.mode,
@@ -315,7 +324,7 @@ class Server:
         await self._reply(
             sock,
             job.identity,
-            Done(r.request_id, run.token_ids, tok.decode(run.token_ids), summary),
+            Done(r.request_id, run.token_ids, stream.shown, summary),
         )
 
 
