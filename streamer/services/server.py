@@ -1,15 +1,16 @@
 """Serving generation over ZeroMQ: the front end clients talk to.
 
 A ROUTER socket takes `hello`, `generate` and `cancel` from any number of clients (each a DEALER;
-ZeroMQ's identity frame keeps their streams apart). Requests wait in a bounded queue and run one
-at a time, in order, token by token on a worker thread, so the event loop keeps answering: a
-`cancel` stops a queued or running request at the next token, a malformed message gets an
-`error` reply naming the problem, and the server keeps serving: whatever fails while one request
-is served (a bug included) is an `error` reply to that client and a logged traceback, never the
-server's end. A client that goes away without cancelling (its process killed, its socket closed)
-has its requests cancelled at the next token: ZeroMQ's socket monitor reports the connection that
-closed, and each message's frame names the connection it came on. Each token goes back as a `token`
-message, the end as `done` with the same summary as `streamer generate --json`.
+ZeroMQ's identity frame keeps their streams apart). Requests go to a `Scheduler`
+(`streamer.services.scheduler`, which other front ends may share): they wait in a bounded queue
+and run one at a time, in order, token by token on a worker thread, so the event loop keeps
+answering: a `cancel` stops a queued or running request at the next token, a malformed message
+gets an `error` reply naming the problem, and the server keeps serving: whatever fails while one
+request is served (a bug included) is an `error` reply to that client and a logged traceback,
+never the server's end. A client that goes away without cancelling (its process killed, its
+socket closed) has its requests cancelled at the next token: ZeroMQ's socket monitor reports the
+connection that closed, and each message's frame names the connection it came on. Each token goes
+back as a `token` message, the end as `done` with the same summary as `streamer generate --json`.
 
 The engine is anything that implements `streamer.interface.EngineLike`: the single-process engine
 (`streamer.engine`, `streamer serve MODEL`) or the pipeline's compute stage behind
@@ -20,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -38,15 +38,14 @@ from protocol.messages import (
     Generate,
     Hello,
     Limits,
+    Message,
     ProtocolError,
-    Token,
     Welcome,
 )
 from protocol.sockets import Security, Sockets
-from streamer.errors import ConfigError, StreamerError
-from streamer.generate import Generation, SamplingParams
 from streamer.interface import EngineLike
-from streamer.tokenizer import TextStream, Tokenizer
+from streamer.services.scheduler import Busy, Job, Scheduler, internal_error
+from streamer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +55,6 @@ def default_endpoint() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     directory = Path(base) / "streamer" if base else Path(f"/tmp/streamer-{os.getuid()}")
     return f"ipc://{directory}/front.sock"
-
-
-@dataclass
-class Job:
-    identity: bytes
-    request: Generate
-    cancelled: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -103,26 +95,34 @@ def bind(settings: ServerSettings) -> Bound:
 
 
 class Server:
-    """Serves one engine, which it closes when it stops. Replies end at `tokenizer.stop_ids`."""
+    """Serves one engine over ZeroMQ through a `Scheduler`: its own (made from `engine`, closed
+    when the server stops) or one given, shared with other front ends (its owner runs and
+    closes it). Replies end at `stop_ids` (None: the model's end-of-sequence ids)."""
 
     def __init__(
         self,
-        engine: EngineLike,
+        engine: EngineLike | None,
         tokenizer: Tokenizer,
         settings: ServerSettings,
         stop_ids: tuple[int, ...] | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
-        """`stop_ids`: the ids that end a reply; None: the model's end-of-sequence ids."""
-        self.engine, self.tokenizer = engine, tokenizer
-        self.eos_ids = tokenizer.stop_ids(engine.cfg) if stop_ids is None else stop_ids
-        self.settings = settings
-        cfg = engine.cfg
-        self.context = min(settings.context, cfg.max_positions)
+        self.owns_scheduler = scheduler is None
+        if scheduler is None:
+            assert engine is not None
+            scheduler = Scheduler(
+                engine, tokenizer, settings.context, settings.queue_size, stop_ids
+            )
+        self.scheduler, self.tokenizer, self.settings = scheduler, tokenizer, settings
+        self.engine = scheduler.engine
+        self.context = scheduler.context
+        cfg = self.engine.cfg
         self.limits = Limits(
             vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=self.context
         )
         self.jobs: dict[tuple[bytes, str], Job] = {}
-        self.counts = {"done": 0, "cancelled": 0, "failed": 0, "refused": 0, "abandoned": 0}
+        self.counts = scheduler.counts  # how requests ended, and what this front end refused
+        self.counts.update(refused=0, abandoned=0)
         self.peers: dict[int, set[bytes]] = {}  # connection (file descriptor) -> client identities
 
     async def serve(
@@ -136,16 +136,17 @@ class Server:
             bound = bound or bind(self.settings)
             sock = bound.sock
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            send, receive = anyio.create_memory_object_stream[Job](self.settings.queue_size)
-            async with send, receive, anyio.create_task_group() as tg:
-                tg.start_soon(self._receive, sock, send)
-                tg.start_soon(self._run, sock, receive)
+            async with anyio.create_task_group() as tg:
+                if self.owns_scheduler:
+                    await tg.start(self.scheduler.run)
+                tg.start_soon(self._receive, sock)
                 tg.start_soon(self._watch_peers, sock, monitor)
                 task_status.started(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         finally:
             if bound is not None:
                 bound.close()
-            self.engine.close()
+            if self.owns_scheduler:
+                self.engine.close()
 
     async def _reply(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
         await sock.send_multipart([identity, *encode(msg)], copy=False)
@@ -164,28 +165,22 @@ class Server:
             sock.disable_monitor()
             monitor.close(linger=0)
 
-    async def _receive(
-        self, sock: zmq.asyncio.Socket, send: anyio.abc.ObjectSendStream[Job]
-    ) -> None:
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
             identity = frames[0].bytes
             self.peers.setdefault(frames[0].get(zmq.SRCFD), set()).add(identity)
             try:
-                await self._handle(sock, send, identity, frames[1:])
+                await self._handle(sock, identity, frames[1:])
             except Exception as e:  # a bug met by one message: that client's error, not ours
                 log.exception("serving a message from client %s failed", identity.hex())
                 self.counts["failed"] += 1
                 await self._reply(
-                    sock, identity, Error(request_id_of(frames[1:]), "failed", _internal(e))
+                    sock, identity, Error(request_id_of(frames[1:]), "failed", internal_error(e))
                 )
 
     async def _handle(
-        self,
-        sock: zmq.asyncio.Socket,
-        send: anyio.abc.ObjectSendStream[Job],
-        identity: bytes,
-        frames: list[zmq.Frame],
+        self, sock: zmq.asyncio.Socket, identity: bytes, frames: list[zmq.Frame]
     ) -> None:
         try:
             msg = decode(frames, self.limits, accept=("hello", "generate", "cancel"))
@@ -231,102 +226,16 @@ class Server:
                     Error(msg.request_id, "bad_request", "request_id already in use"),
                 )
                 return
-            job = Job(identity, msg)
+
+            async def emit(reply: Message) -> None:
+                if isinstance(reply, Done | Error):
+                    self.jobs.pop(key, None)
+                await self._reply(sock, identity, reply)
+
+            job = Job(msg, emit)
             try:
-                send.send_nowait(job)
-            except anyio.WouldBlock:
-                await self._reply(
-                    sock,
-                    identity,
-                    Error(
-                        msg.request_id,
-                        "busy",
-                        f"{self.settings.queue_size} requests are already waiting; try again later",
-                    ),
-                )
+                self.scheduler.submit(job)
+            except Busy as e:
+                await self._reply(sock, identity, Error(msg.request_id, "busy", str(e)))
                 return
             self.jobs[key] = job
-
-    async def _run(
-        self, sock: zmq.asyncio.Socket, receive: anyio.abc.ObjectReceiveStream[Job]
-    ) -> None:
-        async for job in receive:
-            try:
-                await self._generate(sock, job)
-            except StreamerError as e:
-                self.counts["failed"] += 1
-                await self._reply(
-                    sock, job.identity, Error(job.request.request_id, "failed", str(e))
-                )
-            except Exception as e:  # a bug met by one request: its error, not the server's end
-                log.exception("request %r failed", job.request.request_id)
-                self.counts["failed"] += 1
-                await self._reply(
-                    sock, job.identity, Error(job.request.request_id, "failed", _internal(e))
-                )
-            finally:
-                self.jobs.pop((job.identity, job.request.request_id), None)
-
-    async def _generate(self, sock: zmq.asyncio.Socket, job: Job) -> None:
-        r, tok = job.request, self.tokenizer
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            await self._reply(sock, job.identity, Error(r.request_id, "cancelled", "cancelled"))
-            return
-        if r.prompt_ids:
-            prompt_ids = list(r.prompt_ids)
-        elif r.messages:
-            prompt_ids = tok.chat_messages(list(r.messages))
-        else:
-            prompt_ids = tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
-        if len(prompt_ids) + r.max_tokens > self.context:
-            raise ConfigError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({r.max_tokens}) "
-                f"exceeds this server's context of {self.context} tokens"
-            )
-        params = SamplingParams(
-            max_tokens=r.max_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            seed=r.seed,
-            stop_ids=() if r.ignore_eos else self.eos_ids,
-            top_k=r.top_k,
-            min_p=r.min_p,
-            repetition_penalty=r.repetition_penalty,
-        )
-        t0 = time.perf_counter()
-        self.engine.telemetry.reset()
-        run = Generation(self.engine, prompt_ids, params)
-        tokens = iter(run)
-        stream = TextStream(tok, r.stop)
-        while True:
-            token = await anyio.to_thread.run_sync(next, tokens, None)
-            if token is None:
-                break
-            delta = stream.push(run.token_ids)
-            await self._reply(
-                sock, job.identity, Token(r.request_id, len(run.token_ids) - 1, token, delta)
-            )
-            if stream.stopped:
-                run.stop_reason = "stop"
-                break
-            if job.cancelled.is_set():
-                run.stop_reason = "cancelled"
-                break
-        stream.finish(run.token_ids)
-        self.counts["cancelled" if run.stop_reason == "cancelled" else "done"] += 1
-        summary = {
-            "mode": self.engine.mode,
-            **run.summary,
-            **self.engine.telemetry.summary(),
-            "request_ms": round((time.perf_counter() - t0) * 1e3, 3),
-        }
-        await self._reply(
-            sock,
-            job.identity,
-            Done(r.request_id, run.token_ids, stream.shown, summary),
-        )
-
-
-def _internal(e: Exception) -> str:
-    return f"internal error ({type(e).__name__}: {e}); the server logged the traceback"
