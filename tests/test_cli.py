@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -246,22 +247,55 @@ def test_probe_disk_prints_a_table(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "endpoint,message",
+    "option,endpoint,message",
     [
-        ("http://127.0.0.1:8000", "must be ipc://PATH, tcp://HOST:PORT"),
-        ("tcp://127.0.0.1:{busy}", "Address already in use"),
+        ("--endpoint", "http://127.0.0.1:8000", "must be ipc://PATH, tcp://HOST:PORT"),
+        ("--endpoint", "tcp://127.0.0.1:{busy}", "Address already in use"),
+        ("--http", "127.0.0.1:{busy}", "--http address '127.0.0.1:"),
+        ("--http", "localhost", "expected HOST:PORT"),
     ],
 )
-def test_serve_refuses_a_bad_endpoint_before_it_loads_the_model(endpoint, message, tmp_path):
-    """The endpoint is bound first: the error is the endpoint's (the model, which does not
+def test_serve_refuses_a_bad_endpoint_before_it_loads_the_model(
+    option, endpoint, message, tmp_path
+):
+    """The endpoints are bound first: the error is the endpoint's (the model, which does not
     exist, is never opened), in one line, with exit status 2."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         endpoint = endpoint.format(busy=busy.getsockname()[1])
         proc = streamer(
-            "serve", str(tmp_path / "no-model"), "--endpoint", endpoint, "--insecure", check=False
+            "serve", str(tmp_path / "no-model"), option, endpoint, "--insecure", check=False
         )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
+
+
+def test_serve_http_answers_the_openai_client_and_stops_on_sigterm(hf_model, tmp_path):
+    """`serve MODEL --http HOST:PORT`: the HTTP API beside the ZeroMQ endpoint, one engine."""
+    import openai
+
+    out = tmp_path / "m"
+    streamer("convert", str(hf_model("llama")), str(out), "--dtype", "float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "serve", str(out), "--mode", "dense", "--insecure"]
+        + ["--endpoint", f"ipc://{tmp_path}/front.sock", "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == f"http http://127.0.0.1:{port}"
+        assert proc.stdout.readline().startswith("ready ipc://")
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        r = c.completions.create(model="m", prompt="the quick", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens <= 5 and r.choices[0].finish_reason in ("stop", "length")
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err

@@ -26,7 +26,9 @@ from streamer.cli.common import (
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
 from streamer.registry import load_tokenizer, open_source, resolve_default
+from streamer.services.http import HttpApi, bind_http, serve_http
 from streamer.services.pipeline import serve_pipeline
+from streamer.services.scheduler import Scheduler
 from streamer.services.server import Server, ServerSettings, bind, default_endpoint
 from workers.config import PipelineConfig
 from workers.launcher import run_remote_stage
@@ -58,6 +60,12 @@ def register(sub) -> None:
         "--context",
         type=int,
         help=f"most tokens of prompt plus reply a request may use (default: {DEFAULT_CONTEXT})",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the OpenAI-compatible HTTP API here (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health, /metrics), from the same engine",
     )
     add_security(p)
     add_engine(p)
@@ -97,28 +105,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"context must be at least 2, got {context}", "context")
     set_threads(args.threads)
     settings = ServerSettings(args.endpoint or default_endpoint(), security(args), context=context)
-    bound = bind(settings)  # first: a bad or busy endpoint is refused before the model loads
+    # First: a bad or busy endpoint is refused before the model loads.
+    http = bind_http(args.http) if args.http else None
     try:
+        bound = bind(settings)
+    except BaseException:
+        if http is not None:
+            http.close()
+        raise
+    api = HttpApi(api_model_name(args.model)) if http is not None else None
+
+    def load():
         source = open_source(args.model)
         tokenizer = load_tokenizer(source, args.model)
-        engine = open_engine(args, source, context)
-    except BaseException:
-        bound.close()
-        raise
-    settings.model_name = source.description
-    server = Server(engine, tokenizer, settings)
+        return source, tokenizer, open_engine(args, source, context)
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            endpoint = await tg.start(partial(server.serve, bound=bound))
-            print(f"ready {endpoint}", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+        engine = None
+        try:
+            async with anyio.create_task_group() as tg:
+                if api is not None:  # up while the model loads: /health says 503
+                    await tg.start(serve_http, api, http)
+                    print(f"http http://{args.http}", flush=True)
+                source, tokenizer, engine = await anyio.to_thread.run_sync(load)
+                settings.model_name = source.description
+                scheduler = Scheduler(engine, tokenizer, context, settings.queue_size)
+                await tg.start(scheduler.run)
+                if api is not None:
+                    api.attach(scheduler)
+                server = Server(None, tokenizer, settings, scheduler=scheduler)
+                endpoint = await tg.start(partial(server.serve, bound=bound))
+                print(f"ready {endpoint}", flush=True)
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+        finally:
+            bound.close()
+            if engine is not None:
+                engine.close()
 
     anyio.run(main)
     return 0
+
+
+def api_model_name(model: str) -> str:
+    """The model's id in the HTTP API: "default", or the directory's or file's name."""
+    return model if model == "default" else Path(model).name
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
@@ -152,12 +185,20 @@ def _serve_pipeline(args: argparse.Namespace) -> int:
         calibrate_default(ConvertedModel(resolve_default()))
     torch.set_num_threads(1)  # this process only samples; the cores are compute's
 
+    http = bind_http(args.http) if args.http else None
+    api = HttpApi(api_model_name(config.model)) if http is not None else None
+
     async def main() -> None:
-        async with serve_pipeline(config) as pipeline:
-            print(f"ready {pipeline.endpoint}", flush=True)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    return
+        async with anyio.create_task_group() as tg:
+            if api is not None:  # up while the stages start: /health says 503
+                await tg.start(serve_http, api, http)
+                print(f"http http://{args.http}", flush=True)
+            async with serve_pipeline(config, api=api) as pipeline:
+                print(f"ready {pipeline.endpoint}", flush=True)
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+            tg.cancel_scope.cancel()
 
     try:
         anyio.run(main)

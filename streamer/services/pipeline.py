@@ -14,15 +14,20 @@ from collections.abc import AsyncIterator
 import anyio
 
 from streamer.errors import first_error
+from streamer.services.http import HttpApi
+from streamer.services.scheduler import Scheduler
 from streamer.services.server import Server, ServerSettings, default_endpoint
 from workers.config import PipelineConfig, security_of
 from workers.launcher import Pipeline
 
 
 @contextlib.asynccontextmanager
-async def serve_pipeline(config: PipelineConfig, processes: bool = True) -> AsyncIterator[Pipeline]:
+async def serve_pipeline(
+    config: PipelineConfig, processes: bool = True, api: HttpApi | None = None
+) -> AsyncIterator[Pipeline]:
     """Launch the pipeline of `config` and serve it on `config.endpoint` (processes=False: the
-    stages as tasks of this process, for small models and tests)."""
+    stages as tasks of this process, for small models and tests); `api`, an HTTP front end
+    already serving, serves it too once the stages are ready."""
     try:
         async with Pipeline.launch(config, processes) as pipeline:
             settings = ServerSettings(
@@ -32,9 +37,16 @@ async def serve_pipeline(config: PipelineConfig, processes: bool = True) -> Asyn
                 model_name=pipeline.plan.model.description,
                 context=config.context,
             )
-            server = Server(pipeline.engine, pipeline.tokenizer, settings)
+            scheduler = Scheduler(
+                pipeline.engine, pipeline.tokenizer, settings.context, settings.queue_size
+            )
+            server = Server(None, pipeline.tokenizer, settings, scheduler=scheduler)
             async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
                 pipeline.endpoint = await tg.start(server.serve)
+                if api is not None:
+                    api.counts = pipeline.counts
+                    api.attach(scheduler)
                 try:
                     yield pipeline
                 finally:

@@ -27,6 +27,10 @@ from streamer.tokenizer import TextStream, Tokenizer
 log = logging.getLogger(__name__)
 
 
+# Summed over the requests served, from each one's summary: what `/metrics` reports.
+TOTALS = ("prompt_tokens", "generated_tokens", "decode_ms", "bytes_read", "predicted", "hits")
+
+
 @dataclass
 class Job:
     request: Generate
@@ -54,6 +58,7 @@ class Scheduler:
         self.eos_ids = tokenizer.stop_ids(engine.cfg) if stop_ids is None else stop_ids
         self.context = min(context, engine.cfg.max_positions)
         self.counts = {"done": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self.totals = dict.fromkeys(TOTALS, 0.0)  # over finished requests (`/metrics`)
         self.waiting = 0  # jobs queued, not yet running
         self.running = False
         self._send: anyio.abc.ObjectSendStream[Job] | None = None  # while `run` runs
@@ -87,6 +92,9 @@ class Scheduler:
         try:
             try:
                 await self._generate(job)
+            except ConfigError as e:  # the request's own settings
+                self.counts["failed"] += 1
+                await job.emit(Error(rid, "bad_request", str(e)))
             except StreamerError as e:
                 self.counts["failed"] += 1
                 await job.emit(Error(rid, "failed", str(e)))
@@ -99,25 +107,21 @@ class Scheduler:
         finally:
             self.running = False
 
-    def prompt_ids(self, r: Generate) -> list[int]:
+    def check(self, r: Generate) -> tuple[list[int], SamplingParams]:
+        """The request's prompt ids and sampling, or a ConfigError naming what is wrong with it
+        (front ends call it to refuse a request before they answer)."""
         tok = self.tokenizer
         if r.prompt_ids:
-            return list(r.prompt_ids)
-        if r.messages:
-            return tok.chat_messages(list(r.messages))
-        return tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
-
-    async def _generate(self, job: Job) -> None:
-        r, tok = job.request, self.tokenizer
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            await job.emit(Error(r.request_id, "cancelled", "cancelled"))
-            return
-        prompt_ids = self.prompt_ids(r)
+            prompt_ids = list(r.prompt_ids)
+        elif r.messages:
+            prompt_ids = tok.chat_messages(list(r.messages))
+        else:
+            prompt_ids = tok.chat(r.prompt, r.system or None) if r.chat else tok.encode(r.prompt)
         if len(prompt_ids) + r.max_tokens > self.context:
             raise ConfigError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({r.max_tokens}) "
-                f"exceeds this server's context of {self.context} tokens"
+                f"exceeds this server's context of {self.context} tokens",
+                "max_tokens",
             )
         params = SamplingParams(
             max_tokens=r.max_tokens,
@@ -129,6 +133,15 @@ class Scheduler:
             min_p=r.min_p,
             repetition_penalty=r.repetition_penalty,
         )
+        return prompt_ids, params
+
+    async def _generate(self, job: Job) -> None:
+        r, tok = job.request, self.tokenizer
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            await job.emit(Error(r.request_id, "cancelled", "cancelled"))
+            return
+        prompt_ids, params = self.check(r)
         t0 = time.perf_counter()
         self.engine.telemetry.reset()
         run = Generation(self.engine, prompt_ids, params)
@@ -155,6 +168,8 @@ class Scheduler:
             **self.engine.telemetry.summary(),
             "request_ms": round((time.perf_counter() - t0) * 1e3, 3),
         }
+        for k in TOTALS:
+            self.totals[k] += summary.get(k) or 0
         await job.emit(Done(r.request_id, run.token_ids, stream.shown, summary))
 
 
