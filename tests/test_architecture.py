@@ -72,6 +72,8 @@ def _layer(name: str) -> str:
         return "service"
     if name.startswith(("streamer.cli", "streamer.apps")) or name == "streamer.__main__":
         return "app"
+    if name == "streamer":  # the package's face: `streamer.load` re-exports the Python API
+        return "app"
     return "core"
 
 
@@ -171,7 +173,10 @@ def test_imports_inside_functions_only_for_heavy_optional_dependencies():
     bad = []
     for name in MODULES:
         for target, lazy, line in _imports(name):
-            if lazy and target.split(".")[0] not in LAZY_OK:
+            # the package's face imports the API when `streamer.load` is first used, so that
+            # importing any core module (which imports the package first) stays light
+            facade = name == "streamer" and target.startswith("streamer.services")
+            if lazy and target.split(".")[0] not in LAZY_OK and not facade:
                 bad.append(f"{name}:{line} imports {target} inside a function")
     assert bad == []
 

@@ -4,24 +4,19 @@ anything is loaded, and opening an engine for a model argument."""
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from protocol.sockets import Security
-from streamer.calibrate import CalibrationSettings, ranker_fits
 from streamer.cpus import DEFAULT_CONCURRENCY, usable_cpus
 from streamer.engine import MODES as ENGINE_MODES
-from streamer.engine import Engine, dense_engine, load_engine
-from streamer.errors import ConfigError, ModelFormatError
-from streamer.layout import ConvertedModel
+from streamer.engine import Engine
+from streamer.errors import ConfigError
 from streamer.memory import parse_size
-from streamer.predictor import selection_file
 from streamer.quant import RESIDENT_CHOICES
+from streamer.services.engines import EngineOptions, open_model_engine
 from streamer.sources import Source
 
 log = logging.getLogger("streamer")
@@ -132,63 +127,15 @@ def check_engine_args(args: argparse.Namespace) -> None:
         parse_size(args.dram_budget, "dram_budget", whole=1 << 60)
 
 
-def calibrate_default(source: ConvertedModel) -> bool:
-    """The default model's first flash run calibrates its ranker, once (about 20 s here;
-    README); False where the ranker does not fit the model."""
-    settings = CalibrationSettings()
-    if not ranker_fits(settings, source.config):
-        return False
-    with (source.directory.parent / f".{source.directory.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if selection_file(source.directory) is None:  # another process may have done it
-            log.warning(
-                "calibrating the default model's ranker (once; `streamer calibrate default` "
-                "redoes it)"
-            )
-            # in a child process: what calibration allocates is not left in this process's
-            # RSS, which the memory plan counts as fixed overhead
-            cmd = [sys.executable, "-m", "streamer", "calibrate", str(source.directory)]
-            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
-                raise ModelFormatError(
-                    f"calibrating {source.directory} failed (its error is above): run "
-                    "`streamer calibrate default` to see it again"
-                )
-    return True
-
-
 def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engine:
-    """The engine of `source` (opened from `args.model`) for generate, eval and serve;
-    `--mode auto` picks all or dense."""
-    mode = args.mode
-    converted = isinstance(source, ConvertedModel)
-    if mode == "auto":
-        calibrated = converted and selection_file(source.directory) is not None
-        if converted and not calibrated and str(args.model) == "default":
-            calibrated = calibrate_default(source)
-        mode = "all" if calibrated else "dense"
-        if not calibrated:
-            why = "not calibrated: run `streamer calibrate`" if converted else "not converted"
-            log.info("mode dense (the model is %s for the flash modes)", why)
-    if mode == "dense" and not converted:
-        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
-        q = "q4" if args.quant_resident == "q4" else None
-        return dense_engine(source, dtype, max_len, quant_resident=q)
-    if not converted:
-        raise ModelFormatError(
-            f"mode {mode} streams from the flash layout: run `streamer "
-            f"convert {args.model} OUT` and pass OUT"
-        )
-    engine = load_engine(
-        source.directory,
-        mode=mode,
+    """The engine of `source` (opened from `args.model`) for generate, eval and serve."""
+    options = EngineOptions(
+        mode=args.mode,
         window=DEFAULT_WINDOW if args.window is None else args.window,
         dram_budget=args.dram_budget,
         concurrency=DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency,
         direct=not args.buffered,
         dtype=args.dtype,
-        max_len=max_len,
         quant_resident=args.quant_resident,
     )
-    if engine.mode != "dense" or args.dram_budget:
-        log.info("mode %s: %s", engine.mode, engine.plan.describe())
-    return engine
+    return open_model_engine(str(args.model), source, options, max_len)

@@ -17,7 +17,6 @@ from streamer.cli.common import (
     MODEL_HELP,
     add_engine,
     add_security,
-    calibrate_default,
     check_engine_args,
     open_engine,
     security,
@@ -26,6 +25,7 @@ from streamer.cli.common import (
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
 from streamer.registry import load_tokenizer, open_source, resolve_default
+from streamer.services.engines import calibrate_default
 from streamer.services.http import HttpApi, bind_http, serve_http
 from streamer.services.pipeline import serve_pipeline
 from streamer.services.scheduler import Scheduler

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -136,41 +136,70 @@ class Scheduler:
         return prompt_ids, params
 
     async def _generate(self, job: Job) -> None:
-        r, tok = job.request, self.tokenizer
+        r = job.request
         if job.cancelled.is_set():
             self.counts["cancelled"] += 1
             await job.emit(Error(r.request_id, "cancelled", "cancelled"))
             return
         prompt_ids, params = self.check(r)
+        run = RequestRun(self.engine, self.tokenizer, r, prompt_ids, params)
+        events = iter(run)
+        while True:
+            msg = await anyio.to_thread.run_sync(next, events, None)
+            if msg is None:
+                break
+            if isinstance(msg, Token):
+                self.counts["tokens"] += 1
+            else:
+                reason = msg.summary["stop_reason"]
+                self.counts["cancelled" if reason == "cancelled" else "done"] += 1
+                for k in TOTALS:
+                    self.totals[k] += msg.summary.get(k) or 0
+            await job.emit(msg)
+            if job.cancelled.is_set():
+                run.cancelled = True
+
+
+class RequestRun:
+    """One request on an engine, made synchronously: iterate for its `Token`s, then its `Done`
+    (with the same summary as `streamer generate --json`). Setting `cancelled` ends it at the
+    next token."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        tokenizer: Tokenizer,
+        request: Generate,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        self.engine, self.tokenizer, self.request = engine, tokenizer, request
+        self.prompt_ids, self.params = prompt_ids, params
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[Token | Done]:
+        r = self.request
         t0 = time.perf_counter()
         self.engine.telemetry.reset()
-        run = Generation(self.engine, prompt_ids, params)
-        tokens = iter(run)
-        stream = TextStream(tok, r.stop)
-        while True:
-            token = await anyio.to_thread.run_sync(next, tokens, None)
-            if token is None:
-                break
-            self.counts["tokens"] += 1
+        run = Generation(self.engine, self.prompt_ids, self.params)
+        stream = TextStream(self.tokenizer, r.stop)
+        for token in run:
             delta = stream.push(run.token_ids)
-            await job.emit(Token(r.request_id, len(run.token_ids) - 1, token, delta))
+            yield Token(r.request_id, len(run.token_ids) - 1, token, delta)
             if stream.stopped:
                 run.stop_reason = "stop"
                 break
-            if job.cancelled.is_set():
+            if self.cancelled:
                 run.stop_reason = "cancelled"
                 break
         stream.finish(run.token_ids)
-        self.counts["cancelled" if run.stop_reason == "cancelled" else "done"] += 1
         summary = {
             "mode": self.engine.mode,
             **run.summary,
             **self.engine.telemetry.summary(),
             "request_ms": round((time.perf_counter() - t0) * 1e3, 3),
         }
-        for k in TOTALS:
-            self.totals[k] += summary.get(k) or 0
-        await job.emit(Done(r.request_id, run.token_ids, stream.shown, summary))
+        yield Done(r.request_id, run.token_ids, stream.shown, summary)
 
 
 def internal_error(e: Exception) -> str:
