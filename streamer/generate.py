@@ -126,6 +126,8 @@ class Generation:
         while True:
             token = sample(logits, p, gen, self.prompt_ids + self.token_ids)
             self.token_ids.append(token)
+            # up to date at each token, for a caller that stops early (a stop string, a cancel)
+            self.decode_ms = (time.perf_counter() - t0) * 1e3
             yield token
             if token in p.stop_ids:
                 self.stop_reason = "eos"

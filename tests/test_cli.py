@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from streamer.cli import build_parser, main
 from streamer.cli.common import check_engine_args
 from streamer.cli.serve import pipeline_config
 from streamer.registry import default_gguf
+from streamer.sources import HFSource
 
 PROMPT = "Write a short story about a robot who learns to paint."
 GREEDY_12 = ["--chat", "--max-tokens", "12", "--temperature", "0"]
@@ -299,3 +301,29 @@ def test_serve_http_answers_the_openai_client_and_stops_on_sigterm(hf_model, tmp
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_generate_takes_a_conversation_stop_strings_and_sampling_filters(hf_model, tmp_path):
+    """--messages renders several turns with the chat template (as the library does); --stop
+    ends the text before it; --top-k and friends reach the sampler."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_model("llama"), src)
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    conversation = [
+        {"role": "user", "content": "the quick"},
+        {"role": "assistant", "content": "brown fox"},
+        {"role": "user", "content": "jumps"},
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(conversation))
+    args = ["generate", str(src), "--messages", str(tmp_path / "c.json"), "--mode", "dense"]
+    args += ["--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--json"]
+    full = json.loads(streamer(*args).stdout)
+    tokenizer = HFSource(src).tokenizer().build()
+    assert full["prompt_token_ids"] == tokenizer.chat_messages(conversation)
+    stop = full["text"][4:7]
+    cut = json.loads(streamer(*args, "--stop", stop, "--top-k", "5").stdout)
+    assert cut["text"] == full["text"][: full["text"].find(stop)]
+    assert cut["summary"]["stop_reason"] == "stop" and cut["summary"]["ms_per_token"] > 0
+    bad = streamer(*args[:2], "--prompt", "x", "--messages", str(tmp_path / "c.json"), check=False)
+    assert bad.returncode == 2 and "exactly one of --prompt and --messages" in bad.stderr

@@ -31,7 +31,7 @@ from streamer.memory import rss_bytes
 from streamer.registry import load_tokenizer, open_source
 from streamer.services.client import Client
 from streamer.telemetry import COUNTERS, LAYER_COLUMNS, TIMES
-from streamer.tokenizer import TextStream
+from streamer.tokenizer import TextStream, check_messages
 
 log = logging.getLogger("streamer")
 
@@ -50,7 +50,14 @@ def register(sub) -> None:
         default="default",
         help=MODEL_HELP + " (default: default)",
     )
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--prompt", help="the prompt text (or --messages)")
+    p.add_argument(
+        "--messages",
+        type=Path,
+        metavar="FILE",
+        help='a conversation instead of --prompt: a JSON list of {"role": "system"|"user"|'
+        '"assistant", "content": TEXT}, rendered with the chat template, several turns',
+    )
     p.add_argument(
         "--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)"
     )
@@ -62,6 +69,23 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: off)")
+    p.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below this share of the best (0: off)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already seen by this (1: off)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the reply before this text (may be given again)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument(
@@ -107,30 +131,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     # Every flag is checked before the model is opened (which may convert it first).
     check_engine_args(args)
+    messages = _messages(args)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
     )
     set_threads(args.threads)
     t0 = time.perf_counter()
     source = open_source(args.model)
     tokenizer = load_tokenizer(source, args.model)
-    prompt_ids = (
-        tokenizer.chat(args.prompt, args.system) if args.chat else tokenizer.encode(args.prompt)
-    )
+    if messages:
+        prompt_ids = tokenizer.chat_messages(messages)
+    elif args.chat:
+        prompt_ids = tokenizer.chat(args.prompt, args.system)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
     engine = open_engine(args, source, len(prompt_ids) + args.max_tokens)
     load_ms = (time.perf_counter() - t0) * 1e3
     stops = () if args.ignore_eos else tokenizer.stop_ids(source.config)
     params = dataclasses.replace(params, stop_ids=stops)
     with engine:
         run = Generation(engine, prompt_ids, params)
-        if args.json:
-            run.run()
-        else:
-            stream = TextStream(tokenizer)
-            for _ in run:
-                sys.stdout.write(stream.push(run.token_ids))
+        stream = TextStream(tokenizer, args.stop)
+        for _ in run:
+            delta = stream.push(run.token_ids)
+            if not args.json:
+                sys.stdout.write(delta)
                 sys.stdout.flush()
-            sys.stdout.write(stream.finish(run.token_ids) + "\n")
+            if stream.stopped:
+                run.stop_reason = "stop"
+                break
+        rest = stream.finish(run.token_ids)
+        if not args.json:
+            sys.stdout.write(rest + "\n")
     telemetry = engine.telemetry
     summary = {
         "model": source.description,
@@ -150,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "token_ids": run.token_ids,
-                    "text": tokenizer.decode(run.token_ids),
+                    "text": stream.shown,
                     "prompt_token_ids": prompt_ids,
                     "summary": summary,
                     "steps": telemetry.steps,
@@ -166,11 +204,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """--messages' conversation (checked), or None; exactly one of it and --prompt."""
+    if (args.prompt is None) == (args.messages is None):
+        raise ConfigError("give exactly one of --prompt and --messages")
+    if args.messages is None:
+        return None
+    try:
+        messages = json.loads(args.messages.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--messages {args.messages}: {e}") from None
+    check_messages(messages)
+    return messages
+
+
 def _generate_remote(args: argparse.Namespace) -> int:
+    messages = _messages(args)
+
     async def main() -> Done:
         async with Client(args.connect, security(args)) as client:
             async for event in client.generate(
-                args.prompt,
+                args.prompt or "",
+                messages=messages,
+                stop=args.stop,
+                top_k=args.top_k,
+                min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
