@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import anyio
 import anyio.abc
 import zmq
@@ -153,7 +154,8 @@ class Pipeline:
             run_dir = Path(config.run_dir)
         else:
             run_dir = self._made_run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
-            (run_dir / PID_FILE).write_text(str(os.getpid()))
+            async with aiofiles.open(run_dir / PID_FILE, "w") as f:  # on the event loop
+                await f.write(str(os.getpid()))
         endpoints = self._endpoints(run_dir)
         security = security_of(config)
         shm_path = Path(config.shm_dir) / f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.rows"
