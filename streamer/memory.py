@@ -9,12 +9,15 @@ exact: `plan.total <= budget` whenever it is made.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 import torch
 
 from streamer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 WORKING_MEMORY = 64 << 20  # activations, logits, tokenizer state: part of the fixed overhead
 
@@ -68,10 +71,33 @@ def parse_size(spec: str | int, setting: str, whole: int | None = None) -> int:
 
 
 def parse_budget(spec: str | int | None, model_bytes: int) -> int | None:
-    """The DRAM budget: a size, or a percentage of the model's size; None or '': no cap."""
+    """The DRAM budget: a size, or a percentage of the model's size; None or '': no cap. A
+    budget over the machine's memory is taken, with a warning: it cannot be what was meant."""
     if spec is None or spec == "":
         return None
-    return parse_size(spec, "dram_budget", model_bytes)
+    budget = parse_size(spec, "dram_budget", model_bytes)
+    total = machine_memory()
+    if total and budget > total:
+        log.warning(
+            "WARNING: the DRAM budget %s (%.1f GiB) is more than this machine's memory "
+            "(%.1f GiB): it does not bound anything here",
+            spec,
+            budget / 2**30,
+            total / 2**30,
+        )
+    return budget
+
+
+def machine_memory() -> int | None:
+    """MemTotal from /proc/meminfo, in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def nbytes(t) -> int:

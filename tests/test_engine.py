@@ -4,6 +4,7 @@ ordering of bytes read, and the DRAM budget."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -149,6 +150,17 @@ def test_budget_too_small_is_refused_with_the_numbers(sparse_opt):
     with pytest.raises(ConfigError, match="dram_budget 'lots'"):
         load_engine(sparse_opt, mode="all", dram_budget="lots")
     assert len(os.listdir("/proc/self/fd")) == fds  # the refused engine closed its files
+
+
+@pytest.mark.parametrize("budget", ["1TB", "50000000%"])
+def test_a_budget_over_the_machines_memory_is_taken_with_a_warning(sparse_opt, budget, caplog):
+    with caplog.at_level(logging.WARNING), load_engine(sparse_opt, "all", dram_budget=budget):
+        pass
+    assert f"the DRAM budget {budget}" in caplog.text and "more than this machine's" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), load_engine(sparse_opt, "all", dram_budget="300%"):
+        pass
+    assert "more than this machine's" not in caplog.text
 
 
 @pytest.mark.slow
