@@ -122,22 +122,28 @@ def run_tokens(
     chunk: int,
     on_logits: Callable[[torch.Tensor, list[int]], None] | None = None,
     step: int = 128,
+    progress: bool = False,
 ) -> None:
-    """Run the model over `tokens` in sequences of `chunk` (a fresh KV cache each)."""
+    """Run the model over `tokens` in sequences of `chunk` (a fresh KV cache each); `progress`:
+    a bar of tokens on stderr."""
     chunk = min(chunk, model.cfg.max_positions)
+    bar = tqdm(total=len(tokens), desc="tokens", unit="tok", disable=not progress, leave=False)
     for i in range(0, len(tokens) - 1, chunk):
         seq = tokens[i : i + chunk]
         if len(seq) < 2:
             break
         cache = model.new_cache(len(seq))
-        rows = [
-            model.forward(torch.tensor(seq[j : j + step]), cache) for j in range(0, len(seq), step)
-        ]
+        rows = []
+        for j in range(0, len(seq), step):
+            rows.append(model.forward(torch.tensor(seq[j : j + step]), cache))
+            bar.update(len(seq[j : j + step]))
         if on_logits is not None:
             on_logits(torch.cat(rows), seq)
 
 
-def perplexity(model: Transformer, tokens: list[int], chunk: int = 512) -> tuple[float, int]:
+def perplexity(
+    model: Transformer, tokens: list[int], chunk: int = 512, progress: bool = False
+) -> tuple[float, int]:
     """exp(mean negative log-likelihood) of each token given the ones before it in its chunk."""
     total = [0.0, 0]
 
@@ -145,7 +151,7 @@ def perplexity(model: Transformer, tokens: list[int], chunk: int = 512) -> tuple
         total[0] += _nll(logits, seq)
         total[1] += len(seq) - 1
 
-    run_tokens(model, tokens, chunk, score)
+    run_tokens(model, tokens, chunk, score, progress=progress)
     if total[1] == 0:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
     return _perplexity(total[0], total[1]), total[1]

@@ -340,11 +340,12 @@ def dense_engine(
     model_bytes: int = 0,
     overhead: int | None = None,
     quant_resident: str | None = None,
+    progress: bool = False,
 ) -> Engine:
     """Every weight in DRAM (the reference), from any source."""
     overhead = rss_bytes() + WORKING_MEMORY if overhead is None else overhead
     cfg = source.config
-    model = load_dense(source, dtype)
+    model = load_dense(source, dtype, progress)
     if quant_resident:
         model.w = quantize_resident(dict(model.w))
     ffn_bytes = sum(nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
@@ -374,8 +375,10 @@ def load_engine(
     dtype: str | None = None,
     max_len: int = 2048,
     quant_resident: str | None = "auto",
+    progress: bool = False,
 ) -> Engine:
-    """A converted model ready to decode in `mode` within `dram_budget`. `quant_resident`:
+    """A converted model ready to decode in `mode` within `dram_budget` (`progress`: a bar on
+    stderr while the weights load). `quant_resident`:
     "q4" keeps the resident part's matrices in 4 bits (`streamer.quant`); "none" (or None)
     keeps them as stored; "auto" keeps them in 4 bits only when a flash mode's budget is too
     small for them as stored (and says so)."""
@@ -399,7 +402,7 @@ def load_engine(
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":
         q = "q4" if quant_resident == "q4" else None
-        return dense_engine(model, compute, max_len, budget, model_bytes, overhead, q)
+        return dense_engine(model, compute, max_len, budget, model_bytes, overhead, q, progress)
 
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
@@ -450,7 +453,7 @@ def load_engine(
             if quant_resident == "auto":
                 quant_resident = _resident_kind_for(model, compute, memory_plan)
             quantized = quantize_resident_tensor if quant_resident == "q4" else None
-            resident = load_resident(model, compute, transform=quantized)
+            resident = load_resident(model, compute, transform=quantized, progress=progress)
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = memory_plan(resident_bytes)
         rows = plan.cache_rows

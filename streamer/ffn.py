@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from streamer.errors import ModelFormatError
 from streamer.flash import merge_runs
@@ -56,6 +57,7 @@ def load_resident(
     dtype: torch.dtype,
     names: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], object] | None = None,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The resident tensors, read with plain reads (no mmap, whose file pages would count in RSS
     on top of the copies), then dropped from the page cache. `transform(name, tensor)`: what to
@@ -65,7 +67,8 @@ def load_resident(
     index = safetensors_index(path)
     out = {}
     with path.open("rb") as f:
-        for name in model.resident_names() if names is None else names:
+        names = model.resident_names() if names is None else names
+        for name in tqdm(names, desc="load", unit="tensor", disable=not progress, leave=False):
             st_dtype, shape, start, end = index[name]
             arr = np.fromfile(f, dtype=np.uint8, count=end - start, offset=start - f.tell())
             t = torch.from_numpy(arr).view(st_dtype).reshape(shape).to(dtype)

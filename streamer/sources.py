@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from streamer.config import ModelConfig, from_gguf_metadata
 from streamer.errors import ModelFormatError
@@ -86,11 +87,14 @@ def ffn_from_resident(
     )
 
 
-def load_dense(source: Source, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Every weight in DRAM: the reference path."""
+def load_dense(
+    source: Source, dtype: torch.dtype = torch.float32, progress: bool = False
+) -> Transformer:
+    """Every weight in DRAM: the reference path (`progress`: a bar on stderr, layer by layer)."""
     cfg = source.config
     weights = {n: source.resident(n).to(dtype) for n in source.resident_names()}
-    layers = [source.ffn(i).to(dtype) for i in range(cfg.n_layers)]
+    bar = tqdm(range(cfg.n_layers), desc="load", unit="layer", disable=not progress, leave=False)
+    layers = [source.ffn(i).to(dtype) for i in bar]
     return Transformer(cfg, weights, DenseFFN(layers, cfg.activation), dtype)
 
 

@@ -137,5 +137,6 @@ def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engin
         direct=not args.buffered,
         dtype=args.dtype,
         quant_resident=args.quant_resident,
+        progress=True,
     )
     return open_model_engine(str(args.model), source, options, max_len)

@@ -292,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine.flash_ffn.dense_prefill = False  # score every token through the window
     t0 = time.perf_counter()
     with engine:
-        ppl, n = perplexity(engine, tokens, args.context)
+        ppl, n = perplexity(engine, tokens, args.context, progress=True)
     result = {
         "perplexity": round(ppl, 4),
         "tokens": n,

@@ -32,6 +32,7 @@ class EngineOptions:
     direct: bool = True
     dtype: str | None = None
     quant_resident: str | None = "auto"
+    progress: bool = False  # a bar on stderr while the weights load
 
 
 def calibrate_default(source: ConvertedModel) -> bool:
@@ -74,7 +75,7 @@ def open_model_engine(model: str, source: Source, options: EngineOptions, max_le
     if mode == "dense" and not converted:
         dtype = getattr(torch, options.dtype) if options.dtype else torch.float32
         q = "q4" if options.quant_resident == "q4" else None
-        return dense_engine(source, dtype, max_len, quant_resident=q)
+        return dense_engine(source, dtype, max_len, quant_resident=q, progress=options.progress)
     if not converted:
         raise ModelFormatError(
             f"mode {mode} streams from the flash layout: run `streamer "
@@ -90,6 +91,7 @@ def open_model_engine(model: str, source: Source, options: EngineOptions, max_le
         dtype=options.dtype,
         max_len=max_len,
         quant_resident=options.quant_resident,
+        progress=options.progress,
     )
     if engine.mode != "dense" or options.dram_budget:
         log.info("mode %s: %s", engine.mode, engine.plan.describe())
