@@ -212,12 +212,11 @@ def test_eval_prints_perplexity_per_mode(calibrated_opt, tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
     ppl = {}
     for mode in ("dense", "oracle", "all"):
-        out = json.loads(
-            streamer(
-                "eval", str(calibrated_opt), "--text", str(text), "--mode", mode, "--json"
-            ).stdout
-        )
+        proc = streamer("eval", str(calibrated_opt), "--text", str(text), "--mode", mode, "--json")
+        out = json.loads(proc.stdout)
         assert out["mode"] == mode and out["tokens"] > 10
+        # progress on stderr while the weights load and the text is scored; stdout stays JSON
+        assert "load:" in proc.stderr and "tokens:   0%|" in proc.stderr
         ppl[mode] = out["perplexity"]
     assert ppl["oracle"] == pytest.approx(ppl["dense"], rel=1e-3)  # ReLU: oracle is exact
     assert ppl["all"] > 1
