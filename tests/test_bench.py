@@ -60,6 +60,7 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
         assert (row["bytes_read"] > 0) == (name != "dense"), name  # dense: the reference
     assert set(report["ratios"]) == {
         "all_vs_naive",
+        "all_vs_dense",
         "all_vs_accelerate",
         "pipelined_vs_serial",
         "io_efficiency",
@@ -95,6 +96,16 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
     assert not (out / "offload").exists()  # the peer's scratch is removed
     table = streamer("bench", str(conv), "--out", str(out), "--rows", "all", *args.split()[:-1])
     assert "| all | 3 |" in table and "| all_vs_naive | - |" in table
+
+    # A row that cannot run at this budget is said before the first row runs and recorded as
+    # skipped; the rows that can run still run and are written.
+    small = ["--dram-budget", "60%", "--tokens", "3", "--probe-seconds", "0.3", "--json"]
+    part = json.loads(
+        streamer("bench", str(conv), "--out", str(out), "--rows", "all,pipeline", *small)
+    )
+    assert "too small" in part["rows"]["pipeline"]["skipped"]
+    assert part["rows"]["all"].get("tokens") == 3, part["rows"]
+    assert "pipeline" in json.loads((out / "bench.json").read_text())["rows"]
 
     # A row per quant kind: the same model in 8-bit blocks, its all row at the same budget in
     # bytes (the predictors are the float32 conversion's: the same model's neurons).

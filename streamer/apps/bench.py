@@ -45,7 +45,7 @@ from streamer.flash import ALIGN, probe_disk
 from streamer.layout import ConvertedModel
 from streamer.memory import nbytes, parse_budget, rss_bytes
 from streamer.registry import load_tokenizer
-from workers.config import PipelineConfig
+from workers.config import PipelineConfig, plan_pipeline
 from workers.launcher import Pipeline
 
 ENGINE_ROWS = ("dense", "naive", "hybrid", "predictor", "window", "all")
@@ -358,7 +358,7 @@ def budget_split(directory: Path, plan, embed: int) -> dict[str, float]:
 
 def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dict[str, Any]:
     def per_token(name: str) -> float | None:
-        return rows[name]["median_ms"] if name in rows else None
+        return rows.get(name, {}).get("median_ms")
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a and b else None
@@ -369,6 +369,8 @@ def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dic
         io_eff = round(rows["all"]["read_gb_per_s"] / probe["gb_per_s"], 3)
     return {
         "all_vs_naive": ratio(per_token("naive"), all_ms),
+        # the whole model in DRAM over streaming within the budget: > 1 where sparsity wins
+        "all_vs_dense": ratio(per_token("dense"), all_ms),
         "all_vs_accelerate": ratio(per_token("accelerate"), all_ms),
         "pipelined_vs_serial": ratio(per_token("serial"), per_token("pipeline")),
         "io_efficiency": io_eff,
@@ -426,23 +428,22 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         f"{settings.concurrency} in flight{'' if probe['direct'] else ' (buffered!)'}"
     )
     rows: dict[str, dict[str, Any]] = {}
+    cannot = _pipeline_cannot_run(directory, settings, len(ids) + 1)  # before any row runs
     for name in settings.rows:
+        if name in PIPELINE_ROWS and cannot:
+            rows[name] = {"row": name, "skipped": cannot}
+            say(f"{name}: skipped ({cannot})")
+            continue
         bar = tqdm(total=settings.tokens + 1, desc=f"{name:>10}", unit="tok", disable=not progress)
         t0 = time.perf_counter()
-        if name in ENGINE_ROWS:
-            row = engine_row(directory, name, ids, settings, bar)
-            plan, embed = row.pop("plan"), row.pop("embed_bytes")
-            if name == "all":
-                report["budget_split"] = budget_split(directory, plan, embed)
-        elif name in PIPELINE_ROWS:
-            row = pipeline_row(directory, name == "serial", ids, settings, bar)
-        else:
-            offload = settings.out / "offload"
-            try:
-                row = accelerate_row(hf, budget, ids, settings, offload, bar)
-            finally:  # scratch: what accelerate wrote (nothing, for a safetensors checkpoint)
-                shutil.rmtree(offload, ignore_errors=True)
-        bar.close()
+        try:
+            row = _row(name, directory, hf, budget, ids, settings, bar, report)
+        except ConfigError as e:  # recorded; the rows that ran are still reported
+            rows[name] = {"row": name, "skipped": str(e)}
+            say(f"{name}: skipped ({e})")
+            continue
+        finally:
+            bar.close()
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row
         say(f"{name}: {row['median_ms']:.1f} ms/token (median of {row['tokens']})")
@@ -476,8 +477,45 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         "falcon_7b_split": PAPER_SPLIT_FALCON,
     }
     (settings.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    chart(rows, settings.out / "bench.png", str(directory))
+    title = (
+        f"{directory} (FFN {lay.quant_name}), DRAM budget {budget / 1e9:.2f} GB "
+        f"({settings.dram_budget})\n{report['machine']}"
+    )
+    chart(rows, settings.out / "bench.png", title)
     return report
+
+
+def _row(name, directory, hf, budget, ids, settings, bar, report) -> dict[str, Any]:
+    if name in ENGINE_ROWS:
+        row = engine_row(directory, name, ids, settings, bar)
+        plan, embed = row.pop("plan"), row.pop("embed_bytes")
+        if name == "all":
+            report["budget_split"] = budget_split(directory, plan, embed)
+        return row
+    if name in PIPELINE_ROWS:
+        return pipeline_row(directory, name == "serial", ids, settings, bar)
+    offload = settings.out / "offload"
+    try:
+        return accelerate_row(hf, budget, ids, settings, offload, bar)
+    finally:  # scratch: what accelerate wrote (nothing, for a safetensors checkpoint)
+        shutil.rmtree(offload, ignore_errors=True)
+
+
+def _pipeline_cannot_run(directory: Path, settings: BenchSettings, context: int) -> str:
+    """Why the pipeline rows cannot run at this budget ("" when they can), before any row."""
+    if not set(settings.rows) & set(PIPELINE_ROWS):
+        return ""
+    config = PipelineConfig(
+        model=str(directory),
+        dram_budget=settings.dram_budget,
+        window=settings.window,
+        context=context,
+    )
+    try:
+        plan_pipeline(config)
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def _other_kinds(model: ConvertedModel, dirs: tuple[Path, ...]) -> dict[str, Path]:

@@ -44,6 +44,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * 8)
+            continue
         lines.append(
             f"| {name} | {r['tokens']} | {r.get('bytes_read', 0) / 1e9:.3f} GB | "
             f"{_fmt(r.get('reads'), '.0f')} | {_fmt(r.get('read_gb_per_s'), '.2f')} | "
@@ -74,11 +77,15 @@ def chart(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows)
+    names = [n for n in rows if "skipped" not in rows[n]]
     parts = {
         "I/O": [rows[n].get("io_ms", 0.0) for n in names],
         "memory management": [rows[n].get("mem_ms", 0.0) for n in names],
-        "compute": [rows[n].get("compute_ms", rows[n]["total_ms"]) for n in names],
+        "compute": [rows[n].get("compute_ms", 0.0) for n in names],
+        # the peer times only its whole token: drawn as such, not as compute
+        "total, not split (the peer)": [
+            0.0 if "compute_ms" in rows[n] else rows[n]["total_ms"] for n in names
+        ],
     }
     # The peer reports only its total; the pipeline's I/O overlaps compute (its wait is what
     # shows): draw what each row's total is made of without overlap double counting.
@@ -89,10 +96,14 @@ def chart(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
     left = [0.0] * len(names)
     for label, values in parts.items():
+        if not any(values):
+            continue
         ax.barh(names, values, left=left, label=label)
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax.invert_yaxis()
-    ax.set_xlabel("ms per token (mean)")
+    # a log axis: naive's seconds beside the all row's milliseconds stay readable
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per token (mean, log scale)")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
