@@ -48,6 +48,7 @@ class Limits:
 MAX_MESSAGES = 1024
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives a token may carry (OpenAI's top_logprobs bound)
 
 
 def _need(ok: bool, message: str) -> None:
@@ -142,6 +143,7 @@ class Generate(Message):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest
 
     def check(self, limits: Limits) -> None:
         _need(0 < len(self.request_id) <= 128, "generate.request_id must be 1 to 128 characters")
@@ -183,6 +185,10 @@ class Generate(Message):
         _need(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p}")
         _need(0 <= self.seed < 2**63, "generate.seed must be in [0, 2**63)")
         _need(0 <= self.top_k < 2**31, f"generate.top_k must be >= 0, got {self.top_k}")
+        _need(
+            -1 <= self.logprobs <= MAX_LOGPROBS,
+            f"generate.logprobs must be in [-1, {MAX_LOGPROBS}], got {self.logprobs}",
+        )
         _need(0 <= self.min_p < 1, f"generate.min_p must be in [0, 1), got {self.min_p}")
         _need(
             0 < self.repetition_penalty <= 100,
@@ -198,17 +204,22 @@ class Cancel(Message):
 
 @dataclass(frozen=True)
 class Token(Message):
-    """One generated token; `text` is what it adds to the decoded text so far."""
+    """One generated token; `text` is what it adds to the decoded text so far. With the
+    request's `logprobs` >= 0: the token's log-probability under the model, and the
+    `logprobs` likeliest tokens' (token id, as text -> log-probability)."""
 
     KIND: ClassVar[str] = "token"
     request_id: str
     index: int
     token_id: int
     text: str = ""
+    logprob: float = 0.0
+    top_logprobs: dict[str, float] = field(default_factory=dict)
 
     def check(self, limits: Limits) -> None:
         _need(0 <= self.token_id < limits.vocab_size, "token.token_id out of range")
         _need(0 <= self.index < limits.max_tokens, "token.index out of range")
+        _need(len(self.top_logprobs) <= MAX_LOGPROBS, "token.top_logprobs: too many")
 
 
 @dataclass(frozen=True)

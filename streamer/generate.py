@@ -83,6 +83,16 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+def log_probabilities(
+    logits: torch.Tensor, token: int, n: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token`, and the n likeliest tokens' (id, log-prob)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    top = torch.topk(logp, n) if n else None
+    pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(logp[token]), pairs
+
+
 def sample(
     logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, seen: list[int] = ()
 ) -> int:
@@ -104,6 +114,10 @@ class Generation:
     stop_reason: str | None = None
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    # n >= 0: each token's log-probability under the model (before any sampling filter) and
+    # the n likeliest tokens', in `logprobs`
+    top_logprobs: int = -1
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -125,6 +139,8 @@ class Generation:
         t0 = time.perf_counter()
         while True:
             token = sample(logits, p, gen, self.prompt_ids + self.token_ids)
+            if self.top_logprobs >= 0:
+                self.logprobs.append(log_probabilities(logits, token, self.top_logprobs))
             self.token_ids.append(token)
             # up to date at each token, for a caller that stops early (a stop string, a cancel)
             self.decode_ms = (time.perf_counter() - t0) * 1e3

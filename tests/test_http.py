@@ -235,3 +235,44 @@ async def test_a_client_that_drops_its_stream_frees_the_server_within_2_s(model)
         # and it serves the next request
         r = await c.completions.create(model="tiny-llama", prompt="the", max_tokens=3)
         assert r.usage.completion_tokens == 3
+
+
+@pytest.mark.asyncio
+async def test_logprobs_are_the_models_own(model):
+    """logprobs of each generated token (and the likeliest alternatives) equal log_softmax of
+    the dense model's logits at that position, for chat (whole and streamed) and completions."""
+    source, tok = model
+    prompt_ids = tok.chat_messages(CHAT)
+    engine = dense_engine(source, torch.float32, 256)
+    reply = greedy(source, prompt_ids, 6)
+    seq = prompt_ids + reply
+    logits = engine.forward(torch.tensor(seq), engine.new_cache(len(seq)))
+    logp = torch.log_softmax(logits.double(), -1)[len(prompt_ids) - 1 : -1]
+    want = [logp[i, t].item() for i, t in enumerate(reply)]
+    best3 = [logp[i].topk(3).values.tolist() for i in range(len(reply))]
+    async with served(source, tok) as (_, base, _), client(base) as c:
+        kw = dict(model="tiny-llama", messages=CHAT, max_tokens=6, temperature=0)
+        r = await c.chat.completions.create(logprobs=True, top_logprobs=3, **kw)
+        content = r.choices[0].logprobs.content
+        assert [e.logprob for e in content] == pytest.approx(want, abs=1e-5)
+        tops = [a.logprob for e in content for a in e.top_logprobs]
+        assert tops == pytest.approx([v for row in best3 for v in row], abs=1e-5)
+        assert [e.token for e in content] == [tok.decode([t]) for t in reply]
+        stream = await c.chat.completions.create(logprobs=True, stream=True, **kw)
+        streamed = [
+            e.logprob
+            async for chunk in stream
+            for choice in chunk.choices
+            if choice.logprobs
+            for e in choice.logprobs.content
+        ]
+        assert streamed == pytest.approx(want, abs=1e-5)
+        text = tok.decode(prompt_ids, skip_special_tokens=False)
+        r = await c.completions.create(
+            model="tiny-llama", prompt=text, max_tokens=6, temperature=0, logprobs=2
+        )
+        lp = r.choices[0].logprobs
+        assert lp.token_logprobs == pytest.approx(want, abs=1e-5)
+        assert all(len(top) <= 2 for top in lp.top_logprobs)
+        with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+            await c.chat.completions.create(top_logprobs=2, **kw)

@@ -55,6 +55,8 @@ PARAMS: dict[str, tuple[type, ...]] = {
     "stream_options": (dict,),
     "n": (int,),
     "user": (str,),
+    "logprobs": (bool, int),  # chat: true/false; completions: how many alternatives
+    "top_logprobs": (int,),
 }
 
 
@@ -226,6 +228,7 @@ class HttpApi:
             seed=_given(body, "seed", 0),
             stop=stop,
         )
+        fields["logprobs"] = _logprobs(body, chat)
         if chat:
             messages = body.get("messages")
             if not messages:
@@ -244,12 +247,18 @@ class HttpApi:
         return gen
 
     async def _whole(self, job: Job, send, receive, rid: str, chat: bool) -> Response:
+        tokens: list[Token] = []
         async with send, receive:
             try:
                 async for msg in receive:
-                    if isinstance(msg, Done):
+                    if isinstance(msg, Token):
+                        tokens.append(msg)
+                    elif isinstance(msg, Done):
                         self.requests["ok"] += 1
-                        return JSONResponse(self._completion(msg, rid, chat))
+                        body = self._completion(msg, rid, chat)
+                        if job.request.logprobs >= 0:
+                            body["choices"][0]["logprobs"] = self._logprobs(tokens, chat)
+                        return JSONResponse(body)
                     if isinstance(msg, Error):
                         return self._failed(msg)
             finally:
@@ -266,13 +275,17 @@ class HttpApi:
                 first, sent = True, ""
                 async for msg in receive:
                     if isinstance(msg, Token):
-                        if not msg.text and not first:
+                        logprobs = job.request.logprobs >= 0
+                        if not msg.text and not first and not logprobs:
                             continue
                         delta: dict[str, Any] = {"content": msg.text}
                         if first and chat:
                             delta["role"] = "assistant"
                         first, sent = False, sent + msg.text
-                        yield _event(self._chunk(rid, created, chat, delta, None))
+                        chunk = self._chunk(rid, created, chat, delta, None)
+                        if logprobs:
+                            chunk["choices"][0]["logprobs"] = self._logprobs([msg], chat)
+                        yield _event(chunk)
                     elif isinstance(msg, Done):
                         finished = True
                         self.requests["ok"] += 1
@@ -298,6 +311,40 @@ class HttpApi:
                 job.cancelled.set()  # stops it at the next token if the client went away
                 if not finished:
                     self.requests["cancelled"] += 1
+
+    def _logprobs(self, tokens: list[Token], chat: bool) -> dict[str, Any]:
+        """OpenAI's logprobs object: chat's `content` entries, or completions' four lists."""
+        assert self.scheduler is not None
+        tok = self.scheduler.tokenizer
+
+        def text(token_id: int | str) -> str:
+            return tok.decode([int(token_id)], skip_special_tokens=False)
+
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": (s := text(t.token_id)),
+                        "logprob": t.logprob,
+                        "bytes": list(s.encode()),
+                        "top_logprobs": [
+                            {"token": (a := text(i)), "logprob": lp, "bytes": list(a.encode())}
+                            for i, lp in t.top_logprobs.items()
+                        ],
+                    }
+                    for t in tokens
+                ]
+            }
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.text)
+        return {
+            "tokens": [text(t.token_id) for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text(i): lp for i, lp in t.top_logprobs.items()} for t in tokens],
+            "text_offset": offsets,
+        }
 
     def _failed(self, msg: Error) -> Response:
         if msg.code == "bad_request":
@@ -335,6 +382,20 @@ class HttpApi:
             "usage": _usage(done),
             "streamer": done.summary,  # the engine's own summary, as `generate --json` gives it
         }
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int:
+    """The request's logprobs as the protocol takes it: -1 (none), or how many alternatives."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if wanted is not None and not isinstance(wanted, bool):
+            raise BadRequest("logprobs must be true or false", "logprobs")
+        if top is not None and not wanted:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if wanted else -1
+    if isinstance(wanted, bool):
+        raise BadRequest("logprobs must be an integer (alternatives per token)", "logprobs")
+    return -1 if wanted is None else wanted
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -181,11 +181,17 @@ class RequestRun:
         r = self.request
         t0 = time.perf_counter()
         self.engine.telemetry.reset()
-        run = Generation(self.engine, self.prompt_ids, self.params)
+        run = Generation(self.engine, self.prompt_ids, self.params, top_logprobs=r.logprobs)
         stream = TextStream(self.tokenizer, r.stop)
         for token in run:
             delta = stream.push(run.token_ids)
-            yield Token(r.request_id, len(run.token_ids) - 1, token, delta)
+            i = len(run.token_ids) - 1
+            if r.logprobs >= 0:
+                logprob, top = run.logprobs[i]
+                alternatives = {str(t): lp for t, lp in top}
+                yield Token(r.request_id, i, token, delta, logprob, alternatives)
+            else:
+                yield Token(r.request_id, i, token, delta)
             if stream.stopped:
                 run.stop_reason = "stop"
                 break
