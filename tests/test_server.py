@@ -398,6 +398,8 @@ async def test_a_conversation_stop_strings_and_sampling_filters_through_the_serv
                 streamed.append(event.text)
             assert event.summary["stop_reason"] == "stop"
             assert event.text == text[: text.find(stop)] == "".join(streamed[:-1])
+            events = [e async for e in client.generate(prompt_ids=[5, 6], max_tokens=3, logprobs=2)]
+            assert all(e.logprob < 0 and len(e.top_logprobs) == 2 for e in events[:-1])
             with pytest.raises(ClientError, match=r"messages\[0\] needs a role"):
                 await collect(client, messages=[{"role": "wizard", "content": "x"}])
         tg.cancel_scope.cancel()

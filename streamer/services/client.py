@@ -124,6 +124,7 @@ class Client:
         top_k: int = 0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
+        logprobs: int = -1,
     ) -> AsyncIterator[Token | Done]:
         """Tokens as they are made, then one Done; raises ClientError on an error reply. One of
         `prompt`, `prompt_ids` and `messages` (a conversation of several turns, {"role",
@@ -145,6 +146,7 @@ class Client:
             top_k=top_k,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         )
         send, inbox = self._route(request.request_id)
         finished = False
