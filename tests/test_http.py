@@ -16,11 +16,15 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.engine import dense_engine
+from streamer.calibrate import CalibrationSettings, calibrate
+from streamer.convert import convert
+from streamer.engine import dense_engine, load_engine
 from streamer.generate import Generation, SamplingParams
 from streamer.services.http import HttpApi, bind_http, serve_http
+from streamer.services.pipeline import serve_pipeline
 from streamer.services.scheduler import Scheduler
 from streamer.sources import HFSource
+from workers.config import PipelineConfig
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -276,3 +280,41 @@ async def test_logprobs_are_the_models_own(model):
         assert all(len(top) <= 2 for top in lp.top_logprobs)
         with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
             await c.chat.completions.create(top_logprobs=2, **kw)
+
+
+@pytest.mark.asyncio
+async def test_the_pipeline_behind_the_http_api(hf_model, tmp_path):
+    """`serve --config ... --http`: /health says 503 until the stages are ready, then the API
+    serves the pipeline's tokens (those of the single-process engine) and its stage restarts
+    count in /metrics."""
+    out = convert(HFSource(hf_model("opt")), tmp_path / "m", "float32", progress=False).directory
+    calibrate(out, CalibrationSettings(ranks="16", epochs=4, max_tokens=512), False)
+    tokenizer = HFSource(hf_model("opt")).tokenizer().build()
+    with load_engine(out, mode="all", max_len=64) as e:
+        params = SamplingParams(max_tokens=6, temperature=0, stop_ids=tokenizer.stop_ids(e.cfg))
+        want = tokenizer.decode(Generation(e, tokenizer.encode("the quick"), params).run())
+    run = tmp_path / "run"
+    config = PipelineConfig(
+        model=str(out),
+        endpoint=f"ipc://{run}/front.sock",
+        run_dir=str(run),
+        shm_dir=str(tmp_path),
+        dead_after_s=10.0,
+        context=64,
+    )
+    sock = bind_http("127.0.0.1:0")
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    api = HttpApi("m")
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_http, api, sock)
+        assert (await get(base + "/health"))[0] == 503
+        async with serve_pipeline(config, processes=False, api=api), client(base) as c:
+            assert (await get(base + "/health"))[0] == 200
+            r = await c.completions.create(
+                model="m", prompt="the quick", max_tokens=6, temperature=0
+            )
+            assert r.choices[0].text == want
+            assert r.model_extra["streamer"]["mode"] == "pipeline"
+            metrics = (await get(base + "/metrics"))[1]
+            assert "streamer_stage_restarts_total 0.0" in metrics
+        tg.cancel_scope.cancel()
