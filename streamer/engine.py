@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,12 @@ from streamer.memory import (
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer
 from streamer.predictor import Selection, load_selection
-from streamer.quant import RESIDENT_CHOICES, quantize_resident, quantize_resident_tensor
+from streamer.quant import (
+    RESIDENT_CHOICES,
+    RESIDENT_KINDS,
+    quantize_resident,
+    quantize_resident_tensor,
+)
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
 from streamer.window import WindowCache
@@ -347,7 +353,7 @@ def dense_engine(
     cfg = source.config
     model = load_dense(source, dtype, progress)
     if quant_resident:
-        model.w = quantize_resident(dict(model.w))
+        model.w = quantize_resident(dict(model.w), quant_resident)
     ffn_bytes = sum(nbytes(t) for w in model.ffn.layers for t in vars(w).values() if t is not None)
     plan = MemoryPlan(
         budget,
@@ -378,17 +384,17 @@ def load_engine(
     progress: bool = False,
 ) -> Engine:
     """A converted model ready to decode in `mode` within `dram_budget` (`progress`: a bar on
-    stderr while the weights load). `quant_resident`:
-    "q4" keeps the resident part's matrices in 4 bits (`streamer.quant`); "none" (or None)
-    keeps them as stored; "auto" keeps them in 4 bits only when a flash mode's budget is too
-    small for them as stored (and says so)."""
+    stderr while the weights load). `quant_resident`: "q4" ("q8") keeps the resident part's
+    matrices in 4 (8) bits (`streamer.quant`); "none" (or None) keeps them as stored; "auto"
+    keeps them in 4 bits only when a flash mode's budget is too small for them as stored (and
+    says so)."""
     quant_resident = quant_resident or "none"
     if quant_resident not in RESIDENT_CHOICES:
         raise ConfigError(
             f"quant_resident must be one of {', '.join(RESIDENT_CHOICES)}, got {quant_resident!r}",
             "quant_resident",
         )
-    if quant_resident == "q4" and mode == "naive":
+    if quant_resident in RESIDENT_KINDS and mode == "naive":
         raise ConfigError("mode naive reads the resident part from flash: no quant_resident")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
@@ -401,7 +407,7 @@ def load_engine(
     model_bytes = model.model_bytes
     budget = parse_budget(dram_budget, model_bytes)
     if mode == "dense":
-        q = "q4" if quant_resident == "q4" else None
+        q = quant_resident if quant_resident in RESIDENT_KINDS else None
         return dense_engine(model, compute, max_len, budget, model_bytes, overhead, q, progress)
 
     predictors = None
@@ -452,7 +458,11 @@ def load_engine(
         else:
             if quant_resident == "auto":
                 quant_resident = _resident_kind_for(model, compute, memory_plan)
-            quantized = quantize_resident_tensor if quant_resident == "q4" else None
+            quantized = (
+                partial(quantize_resident_tensor, kind=quant_resident)
+                if quant_resident in RESIDENT_KINDS
+                else None
+            )
             resident = load_resident(model, compute, transform=quantized, progress=progress)
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = memory_plan(resident_bytes)

@@ -81,7 +81,8 @@ class Q4Matrix:
 class Q8Embedding:
     """A [vocab, d] table in 8 bits with a scale per row: rows looked up (dequantized) and,
     for a tied LM head, multiplied by torch's int8 weight-only kernel; one copy serves both.
-    (Why 8 bits and not 4: README, "Decisions".)"""
+    (Why 8 bits and not 4: README, "Decisions".) With `quant_resident="q8"` every resident
+    projection matrix is held this way too (`linear`: a scale per output row)."""
 
     def __init__(self, w: torch.Tensor) -> None:
         self.shape = tuple(w.shape)
@@ -104,24 +105,26 @@ class Q8Embedding:
         return (self.codes[ids].float() * self.scale[ids].float()[:, None]).to(dtype)
 
 
-RESIDENT_KINDS = ("q4",)
-# what --quant-resident takes: as stored, 4 bits, or 4 bits only when a DRAM budget needs it
+RESIDENT_KINDS = ("q4", "q8")
+# what --quant-resident takes: as stored, 4 or 8 bits, or 4 bits only when a DRAM budget needs it
 RESIDENT_CHOICES = ("none", *RESIDENT_KINDS, "auto")
 
 
-def quantize_resident(weights: dict[str, torch.Tensor]) -> dict[str, object]:
-    """The resident part with its projection matrices in 4 bits and the token embeddings (and
-    an untied LM head) in 8; see `quantize_resident_tensor`."""
-    return {name: quantize_resident_tensor(name, t) for name, t in weights.items()}
+def quantize_resident(weights: dict[str, torch.Tensor], kind: str = "q4") -> dict[str, object]:
+    """The resident part with its projection matrices in 4 (or 8) bits and the token embeddings
+    (and an untied LM head) in 8; see `quantize_resident_tensor`."""
+    return {name: quantize_resident_tensor(name, t, kind) for name, t in weights.items()}
 
 
-def quantize_resident_tensor(name: str, t: torch.Tensor) -> object:
-    """One resident tensor as it is held with `quant_resident="q4"`: embeddings and LM head in
-    8 bits, other matrices in 4; norms, biases, position embeddings and matrices whose input
-    width GROUP does not divide as they are."""
+def quantize_resident_tensor(name: str, t: torch.Tensor, kind: str = "q4") -> object:
+    """One resident tensor as it is held with `quant_resident=kind`: embeddings and LM head in
+    8 bits, other matrices in 4 bits ("q4") or 8 ("q8", a scale per row); norms, biases,
+    position embeddings and matrices whose input width GROUP does not divide as they are."""
     if name in ("embed.weight", "lm_head.weight"):
         return Q8Embedding(t)
     matrix = name.endswith(".weight") and t.dim() == 2 and t.shape[1] % GROUP == 0
     if not matrix or "norm" in name or name == "pos_embed.weight":
         return t
+    if kind == "q8":
+        return Q8Embedding(t)
     return Q4Matrix.of(t)

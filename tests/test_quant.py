@@ -44,16 +44,20 @@ def test_q8_embedding_rows_and_head_equal_plain_torch():
     assert torch.allclose(e.linear(x), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
-def test_a_quantized_resident_part_equals_a_reference_on_the_same_codes(hf_model, tmp_path):
-    """The engine with `quant_resident="q4"` against the dense model whose resident matrices
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_a_quantized_resident_part_equals_a_reference_on_the_same_codes(kind, hf_model, tmp_path):
+    """The engine with `quant_resident=kind` against the dense model whose resident matrices
     were replaced by what the codes stand for: the same logits, up to bfloat16 activations."""
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
     with (
         load_engine(out, mode="dense", max_len=64) as ref,
-        load_engine(out, mode="dense", max_len=64, quant_resident="q4") as quant,
+        load_engine(out, mode="dense", max_len=64, quant_resident=kind) as quant,
     ):
-        for name, q in quantize_resident(dict(ref.model.w)).items():
+        held = quantize_resident(dict(ref.model.w), kind)
+        if kind == "q8":  # every projection in 8 bits, none in 4
+            assert not any(isinstance(q, Q4Matrix) for q in held.values())
+        for name, q in held.items():
             if isinstance(q, Q4Matrix):
                 ref.model.w[name] = dequantize(quantize(ref.model.w[name]))
             elif isinstance(q, Q8Embedding):
@@ -69,7 +73,8 @@ def test_a_quantized_resident_part_equals_a_reference_on_the_same_codes(hf_model
 def test_an_unknown_resident_kind_is_one_clear_error(hf_model, tmp_path):
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
-    with pytest.raises(ConfigError, match="quant_resident must be one of none, q4, auto, got 'q3'"):
+    expected = "quant_resident must be one of none, q4, q8, auto, got 'q3'"
+    with pytest.raises(ConfigError, match=expected):
         load_engine(out, mode="all", quant_resident="q3")
 
 

@@ -86,7 +86,8 @@ def add_engine(p: argparse.ArgumentParser) -> None:
         help="q4: keep the resident part's matrices (attention, embeddings, LM head) in 4 bits, "
         "in groups of 32 with a scale and an offset (lossless up to bfloat16 rounding for a "
         "model converted from Q4_1, as the default model is); none: as stored; auto (the "
-        "default): q4 only when --dram-budget is too small for them as stored",
+        "default): q4 only when --dram-budget is too small for them as stored; q8: "
+        "projections in 8 bits with a scale per row (attention matvecs read half the bytes)",
     )
     add_threads(p)
 

@@ -24,6 +24,7 @@ from streamer.cli.common import (
 )
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
+from streamer.quant import RESIDENT_KINDS
 from streamer.registry import load_tokenizer, open_source, resolve_default
 from streamer.services.engines import calibrate_default
 from streamer.services.http import HttpApi, bind_http, serve_http
@@ -172,7 +173,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     }
     if args.mode not in ("auto", "all"):
         raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")
-    if args.quant_resident == "q4":
+    if args.quant_resident in RESIDENT_KINDS:
         raise ConfigError("the pipeline keeps the resident part as stored: no --quant-resident")
     return PipelineConfig.from_toml(
         args.config, **{k: v for k, v in given.items() if v is not None}

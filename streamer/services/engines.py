@@ -18,6 +18,7 @@ from streamer.engine import Engine, dense_engine, load_engine
 from streamer.errors import ModelFormatError
 from streamer.layout import ConvertedModel
 from streamer.predictor import selection_file
+from streamer.quant import RESIDENT_KINDS
 from streamer.sources import Source
 
 log = logging.getLogger("streamer")
@@ -74,7 +75,7 @@ def open_model_engine(model: str, source: Source, options: EngineOptions, max_le
             log.info("mode dense (the model is %s for the flash modes)", why)
     if mode == "dense" and not converted:
         dtype = getattr(torch, options.dtype) if options.dtype else torch.float32
-        q = "q4" if options.quant_resident == "q4" else None
+        q = options.quant_resident if options.quant_resident in RESIDENT_KINDS else None
         return dense_engine(source, dtype, max_len, quant_resident=q, progress=options.progress)
     if not converted:
         raise ModelFormatError(
