@@ -185,7 +185,8 @@ class HttpApi:
         try:
             self.scheduler.submit(job)
         except Busy as e:
-            send.close(), receive.close()
+            send.close()
+            receive.close()
             self.requests["busy"] += 1
             return error_response(str(e), 429)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}"
