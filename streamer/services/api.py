@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from protocol.messages import Done, Generate, Limits, ProtocolError, Token
+from protocol.messages import Done, Generate, Token
 from streamer.errors import ConfigError
 from streamer.layout import ConvertedModel
 from streamer.registry import load_tokenizer, open_source, resolve_default
@@ -89,10 +89,6 @@ class LLM:
         if self.closed:
             raise ConfigError("this model is closed")
         request = Generate(uuid.uuid4().hex, **kwargs)
-        try:
-            request.check(Limits(vocab_size=self.cfg.vocab_size, max_tokens=self.context))
-        except ProtocolError as e:
-            raise ConfigError(str(e).removeprefix("generate.")) from None
         prompt_ids, params = self._checks.check(request)
         return RequestRun(self.engine, self.tokenizer, request, prompt_ids, params)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import socket
 import time
 import uuid
@@ -30,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol.messages import Done, Error, Generate, Limits, Message, ProtocolError, Token
+from protocol.messages import Done, Error, Generate, Message, Token
 from streamer.errors import ConfigError
 from streamer.services.scheduler import Busy, Job, Scheduler
 
@@ -168,7 +167,7 @@ class HttpApi:
         try:
             body = await _json_body(request)
             gen = self._request(body, chat)
-            self.scheduler.check(gen)
+            checked = self.scheduler.check(gen)
         except BadRequest as e:
             self.requests["bad_request"] += 1
             return error_response(str(e), e.status, e.param)
@@ -181,7 +180,7 @@ class HttpApi:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await send.send(msg)  # a response that went away takes nothing more
 
-        job = Job(gen, emit)
+        job = Job(gen, emit, checked=checked)
         try:
             self.scheduler.submit(job)
         except Busy as e:
@@ -239,13 +238,7 @@ class HttpApi:
             if not body.get("prompt"):
                 raise BadRequest("prompt is required (a string)", "prompt")
             fields["prompt"] = body["prompt"]
-        gen = Generate(uuid.uuid4().hex, **fields)
-        cfg = scheduler.engine.cfg
-        try:
-            gen.check(Limits(vocab_size=cfg.vocab_size, max_tokens=scheduler.context))
-        except ProtocolError as e:
-            raise BadRequest(str(e).removeprefix("generate."), _param(str(e))) from None
-        return gen
+        return Generate(uuid.uuid4().hex, **fields)
 
     async def _whole(self, job: Job, send, receive, rid: str, chat: bool) -> Response:
         tokens: list[Token] = []
@@ -412,12 +405,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
 def _given(body: dict[str, Any], name: str, default: Any) -> Any:
     value = body.get(name)
     return default if value is None else value
-
-
-def _param(message: str) -> str | None:
-    """The parameter a protocol check names ("generate.top_p must be ..." -> "top_p")."""
-    found = re.match(r"generate\.(\w+)", message)
-    return found.group(1) if found else None
 
 
 def _event(data: dict[str, Any]) -> dict[str, str]:

@@ -12,13 +12,14 @@ logged traceback, never the loop's end.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
 
-from protocol.messages import Done, Error, Generate, Message, Token
+from protocol.messages import Done, Error, Generate, Limits, Message, ProtocolError, Token
 from streamer.errors import ConfigError, StreamerError
 from streamer.generate import Generation, SamplingParams
 from streamer.interface import EngineLike
@@ -36,6 +37,8 @@ class Job:
     request: Generate
     emit: Callable[[Message], Awaitable[None]]  # the request's messages, in order
     cancelled: anyio.Event = field(default_factory=anyio.Event)
+    # what `Scheduler.check` made of the request, where its front end checked it already
+    checked: tuple[list[int], SamplingParams] | None = None
 
 
 class Busy(StreamerError):
@@ -57,6 +60,11 @@ class Scheduler:
         self.engine, self.tokenizer, self.queue_size = engine, tokenizer, queue_size
         self.eos_ids = tokenizer.stop_ids(engine.cfg) if stop_ids is None else stop_ids
         self.context = min(context, engine.cfg.max_positions)
+        cfg = engine.cfg
+        # what a request may hold: every front end's bound (the ZeroMQ server decodes with it)
+        self.limits = Limits(
+            vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=self.context
+        )
         self.counts = {"done": 0, "cancelled": 0, "failed": 0, "tokens": 0}
         self.totals = dict.fromkeys(TOTALS, 0.0)  # over finished requests (`/metrics`)
         self.waiting = 0  # jobs queued, not yet running
@@ -109,7 +117,14 @@ class Scheduler:
 
     def check(self, r: Generate) -> tuple[list[int], SamplingParams]:
         """The request's prompt ids and sampling, or a ConfigError naming what is wrong with it
-        (front ends call it to refuse a request before they answer)."""
+        and, where one field is, that field as its `setting` (front ends call it to refuse a
+        request before they answer)."""
+        try:
+            r.check(self.limits)  # a request made in this process was never decoded
+        except ProtocolError as e:
+            found = re.match(r"generate\.(\w+)", str(e))
+            setting = found.group(1) if found else None
+            raise ConfigError(str(e).removeprefix("generate."), setting) from None
         tok = self.tokenizer
         if r.prompt_ids:
             prompt_ids = list(r.prompt_ids)
@@ -141,7 +156,7 @@ class Scheduler:
             self.counts["cancelled"] += 1
             await job.emit(Error(r.request_id, "cancelled", "cancelled"))
             return
-        prompt_ids, params = self.check(r)
+        prompt_ids, params = job.checked or self.check(r)
         run = RequestRun(self.engine, self.tokenizer, r, prompt_ids, params)
         events = iter(run)
         while True:

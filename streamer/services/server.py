@@ -115,11 +115,7 @@ class Server:
             )
         self.scheduler, self.tokenizer, self.settings = scheduler, tokenizer, settings
         self.engine = scheduler.engine
-        self.context = scheduler.context
-        cfg = self.engine.cfg
-        self.limits = Limits(
-            vocab_size=cfg.vocab_size, n_layers=cfg.n_layers, max_tokens=self.context
-        )
+        self.context, self.limits = scheduler.context, scheduler.limits
         self.jobs: dict[tuple[bytes, str], Job] = {}
         self.counts = scheduler.counts  # how requests ended, and what this front end refused
         self.counts.update(refused=0, abandoned=0)
