@@ -58,6 +58,7 @@ class ConvertResult:
     directory: Path
     converted: bool  # False when OUT already held this model
     bytes_written: int
+    quant: str  # the bundles' kind (`BundleLayout.quant_name`)
 
 
 def convert(
@@ -94,7 +95,7 @@ def convert(
                 and old.get("bundle", {}).get("quant_down") == layout.down_kind.name
             )
             if same and not force:
-                return ConvertResult(out, False, 0)
+                return ConvertResult(out, False, 0, layout.quant_name)
             if not force:
                 held = old.get("source", {}).get("description", "another model")
                 raise ModelFormatError(
@@ -117,7 +118,7 @@ def convert(
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConvertResult(out, True, written)
+    return ConvertResult(out, True, written, layout.quant_name)
 
 
 def _write(

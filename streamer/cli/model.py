@@ -11,7 +11,6 @@ from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.cli.common import add_threads, set_threads
 from streamer.convert import convert, verify
 from streamer.errors import ConfigError
-from streamer.layout import ConvertedModel
 from streamer.registry import converted_dir, default_gguf, open_source
 from streamer.sources import GGUFSource
 from streamer.synth import synth
@@ -183,8 +182,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         quant=args.quant,
         quant_down=args.quant_down,
     )
-    lay = ConvertedModel(result.directory).layout
-    what = f"{args.dtype}, FFN {lay.quant_name}"
+    what = f"{args.dtype}, FFN {result.quant}"
     if result.converted:
         print(
             f"converted {source.description} -> {result.directory} "
