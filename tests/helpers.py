@@ -28,6 +28,7 @@ from protocol.messages import (
     Token,
     Welcome,
 )
+from workers.config import PipelineConfig
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 
@@ -104,3 +105,16 @@ EXAMPLES = [
         repetition_penalty=1.1,
     ),
 ]
+
+
+def pipeline_config(tmp_path, model, **kw) -> PipelineConfig:
+    """A pipeline of `model` whose sockets, run directory and shared rows live under tmp_path
+    (not a tmpfs, but a test can see what is left behind); `kw` overrides."""
+    run = tmp_path / "run"
+    settings = {
+        "model": str(model),
+        "endpoint": f"ipc://{run}/front.sock",
+        "run_dir": str(run),
+        "shm_dir": str(tmp_path),
+    }
+    return PipelineConfig(**{**settings, **kw})

@@ -24,8 +24,7 @@ from streamer.services.client import Client
 from streamer.services.pipeline import serve_pipeline
 from streamer.services.server import Server, ServerSettings
 from streamer.sources import HFSource
-from tests.helpers import EXAMPLES, PROMPT, collect
-from workers.config import PipelineConfig
+from tests.helpers import EXAMPLES, PROMPT, collect, pipeline_config
 
 FRAMES = 2000
 SOAK = 10000
@@ -162,13 +161,7 @@ async def test_mutated_frames_to_every_stage_socket_leave_the_pipeline_serving(
     calibrate(model, CalibrationSettings(ranks="16", epochs=2, max_tokens=256), False)
     with load_engine(model, mode="all", max_len=64) as e:
         want = Generation(e, PROMPT, SamplingParams(max_tokens=6, temperature=0)).run()
-    run = tmp_path / "run"
-    config = PipelineConfig(
-        model=str(model),
-        endpoint=f"ipc://{run}/front.sock",
-        run_dir=str(run),
-        shm_dir=str(tmp_path),
-    )
+    config = pipeline_config(tmp_path, model)
     rng = random.Random(16)
     async with serve_pipeline(config) as p:
         pids = {name: st.proc.pid for name, st in p.stages.items()}

@@ -24,7 +24,7 @@ from streamer.services.http import HttpApi, bind_http, serve_http
 from streamer.services.pipeline import serve_pipeline
 from streamer.services.scheduler import Scheduler
 from streamer.sources import HFSource
-from workers.config import PipelineConfig
+from tests.helpers import pipeline_config
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -293,15 +293,7 @@ async def test_the_pipeline_behind_the_http_api(hf_model, tmp_path):
     with load_engine(out, mode="all", max_len=64) as e:
         params = SamplingParams(max_tokens=6, temperature=0, stop_ids=tokenizer.stop_ids(e.cfg))
         want = tokenizer.decode(Generation(e, tokenizer.encode("the quick"), params).run())
-    run = tmp_path / "run"
-    config = PipelineConfig(
-        model=str(out),
-        endpoint=f"ipc://{run}/front.sock",
-        run_dir=str(run),
-        shm_dir=str(tmp_path),
-        dead_after_s=10.0,
-        context=64,
-    )
+    config = pipeline_config(tmp_path, out, dead_after_s=10.0, context=64)
     sock = bind_http("127.0.0.1:0")
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     api = HttpApi("m")

@@ -34,7 +34,7 @@ from streamer.registry import DEFAULT_NAME, resolve_default
 from streamer.services.client import Client, ClientError
 from streamer.services.pipeline import serve_pipeline
 from streamer.sources import HFSource
-from tests.helpers import collect
+from tests.helpers import collect, pipeline_config
 from tests.models import make_sparse_opt
 from workers.config import LINKS, STAGES, PipelineConfig, plan_pipeline
 from workers.launcher import (
@@ -65,17 +65,6 @@ def calibrated(hf_model, tmp_path_factory):
         return made[family]
 
     return get
-
-
-def config(tmp_path, model, **kw) -> PipelineConfig:
-    run = tmp_path / "run"
-    settings = {
-        "model": str(model),
-        "endpoint": f"ipc://{run}/front.sock",
-        "run_dir": str(run),
-        "shm_dir": str(tmp_path),  # not a tmpfs, but the test can see what is left behind
-    }
-    return PipelineConfig(**{**settings, **kw})
 
 
 def engine_tokens(directory, prompt, n, capacity=None, window=4):
@@ -120,7 +109,7 @@ async def test_pipeline_tokens_equal_the_single_process_engine(
     directory = calibrated(family)
     # stages as tasks share this event loop: a loaded machine may delay their heartbeats
     slack = {} if processes else {"dead_after_s": 10.0}
-    cfg = config(tmp_path, directory, serial=serial, weights=weights, **slack)
+    cfg = pipeline_config(tmp_path, directory, serial=serial, weights=weights, **slack)
     if budget == "tight":  # windows of 24 rows: evictions and overflow every token
         memory = plan_pipeline(cfg).memory
         memory.cache_rows = 24
@@ -173,7 +162,10 @@ async def test_eight_clients_three_requests_each(calibrated, tmp_path):
                 )
                 got[(c, r)] = done.token_ids
 
-    async with serve_pipeline(config(tmp_path, directory)) as p, anyio.create_task_group() as tg:
+    async with (
+        serve_pipeline(pipeline_config(tmp_path, directory)) as p,
+        anyio.create_task_group() as tg,
+    ):
         for c in range(8):
             tg.start_soon(one_client, p.endpoint, c)
     assert got == want
@@ -182,7 +174,7 @@ async def test_eight_clients_three_requests_each(calibrated, tmp_path):
 @pytest.mark.asyncio
 async def test_cpus_the_host_lacks_are_refused_before_a_stage_starts(calibrated, tmp_path):
     missing = max(os.sched_getaffinity(0)) + 1
-    cfg = config(tmp_path, calibrated("opt"), compute_cpus=f"0,{missing}")
+    cfg = pipeline_config(tmp_path, calibrated("opt"), compute_cpus=f"0,{missing}")
     with pytest.raises(ConfigError, match=rf"compute_cpus names CPUs \[{missing}\], not among"):
         async with serve_pipeline(cfg):
             pass
@@ -196,7 +188,7 @@ async def test_a_refused_endpoint_is_one_clear_error(calibrated, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    cfg = config(tmp_path, calibrated("opt"), endpoint=f"ipc://{shared}/front.sock")
+    cfg = pipeline_config(tmp_path, calibrated("opt"), endpoint=f"ipc://{shared}/front.sock")
     with pytest.raises(SocketError, match="mode 0700"):
         async with serve_pipeline(cfg):
             pass
@@ -251,7 +243,7 @@ async def test_overlap_hides_io_that_serial_waits_for(io_bound_opt, tmp_path):
         clients = {}
         for serial in (True, False):
             (tmp_path / str(serial)).mkdir()
-            cfg = config(
+            cfg = pipeline_config(
                 tmp_path / str(serial),
                 io_bound_opt,
                 serial=serial,
@@ -336,7 +328,7 @@ async def test_a_dead_or_hung_stage_fails_the_request_and_comes_back(calibrated,
     naming the stage within 2 s, the launcher starts the stage again, the next request works."""
     directory = calibrated("llama")
     want = engine_tokens(directory, PROMPT, 6)
-    async with serve_pipeline(config(tmp_path, directory)) as p:
+    async with serve_pipeline(pipeline_config(tmp_path, directory)) as p:
         async with Client(p.endpoint, timeout=120) as client:
             for name in STAGES:
                 pid = p.stages[name].proc.pid
@@ -388,7 +380,7 @@ def test_an_uncalibrated_model_is_a_clear_error(hf_model, tmp_path):
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
     with pytest.raises(ModelFormatError, match="no predictors: run `streamer calibrate"):
-        plan_pipeline(config(tmp_path, out))
+        plan_pipeline(pipeline_config(tmp_path, out))
 
 
 def _children(pid: int) -> list[int]:
@@ -476,7 +468,7 @@ async def test_every_link_over_tcp_with_curve(calibrated, tmp_path, caplog):
     make_keys(tmp_path / "keys")
     ports = _free_ports(7)
     links = ("predictor", "prefetch", "compute", "rows", "results", "health")
-    cfg = config(
+    cfg = pipeline_config(
         tmp_path,
         directory,
         endpoint=f"tcp://127.0.0.1:{ports[0]}",
