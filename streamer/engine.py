@@ -32,14 +32,13 @@ import torch.nn.functional as F
 from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, ModelFormatError
 from streamer.ffn import (
+    TokenFFN,
     bundle_reads,
     ffn_biases,
-    gather_rows,
     layer_forward,
     load_resident,
     prefill_ffn,
     safetensors_index,
-    sparse_ffn,
 )
 from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer
 from streamer.layout import RESIDENT_FILE, ConvertedModel, parse_dtype
@@ -127,6 +126,7 @@ class FlashFFN:
         # The FFN math runs in the stored dtype, on the rows as read; the rest of the model in
         # `dtype`.
         self.biases = ffn_biases(resident or {}, cfg.n_layers, lay.dtype)
+        self.token_ffn = TokenFFN(lay, cfg.activation, self.biases)
         n = cfg.d_ffn
         if mode in ("naive", "hybrid"):
             self.staging = aligned_buffer(lay.layer_bytes).view(n, lay.stride)
@@ -250,8 +250,7 @@ class FlashFFN:
 
     def _sparse(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         stats = LayerStats(layer)
-        x = x.to(self.layout.dtype)
-        active = self._active(x, layer)
+        active = self._active(x.to(self.layout.dtype), layer)
         cache = self.caches[layer]
         t0 = time.perf_counter()
         if self.mode == "predictor":
@@ -278,22 +277,16 @@ class FlashFFN:
             len(plan.load) + len(plan.overflow),
         )
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
-        # Compute on this token's rows only: its neurons in the window, gathered after the
-        # overflow rows in scratch, then the overflow.
-        t0 = time.perf_counter()
-        where = cache.row_of[active]
-        gathered, ids = gather_rows(
-            cache.rows, cache.ids, where[where >= 0], self.scratch[len(plan.overflow) :]
-        )
-        stats.mem_ms += (time.perf_counter() - t0) * 1e3
         self.telemetry.layers.append(stats)
-        return sparse_ffn(
+        # Compute on this token's rows only, where they lie: its neurons in the window, then
+        # the overflow in scratch.
+        where = cache.row_of[active]
+        kept = where >= 0
+        return self.token_ffn(
             x,
-            self.layout,
-            self.biases[layer],
-            self.act,
-            (gathered, ids),
-            (self.scratch, plan.overflow),
+            layer,
+            (cache.rows, where[kept], active[kept]),
+            (self.scratch, np.arange(len(plan.overflow)), plan.overflow),
         ).to(self.dtype)
 
 
@@ -413,20 +406,27 @@ def load_engine(
     predictors = None
     if mode in ("predictor", "window", "all") or (mode == "oracle" and cfg.activation != "relu"):
         # The look-ahead predictors are the pipeline's; this engine does not load them.
-        predictors = load_selection(model.directory, cfg, model.manifest, lookahead=False).to(
-            compute
-        )
+        predictors = load_selection(model.directory, cfg, model.manifest, lookahead=False)
     readers = [FlashReader(model.ffn_path, concurrency=concurrency, direct=direct)]
     try:
         telemetry = Telemetry(lay.file_bytes)
+        sizes: dict[torch.dtype, int] = {}
 
-        def memory_plan(resident_bytes: int) -> MemoryPlan:
-            """The plan with this resident part; ConfigError if it does not fit the budget."""
+        def predictor_bytes(compute: torch.dtype) -> int:
+            if predictors is None:
+                return 0
+            if compute not in sizes:
+                sizes[compute] = predictors.to(compute).nbytes
+            return sizes[compute]
+
+        def memory_plan(resident_bytes: int, compute: torch.dtype) -> MemoryPlan:
+            """The plan with this resident part, computing in `compute`; ConfigError if it does
+            not fit the budget."""
             plan = MemoryPlan(
                 budget,
                 model_bytes,
                 resident=resident_bytes,
-                predictors=predictors.nbytes if predictors is not None else 0,
+                predictors=predictor_bytes(compute),
                 kv_cache=kv_bytes(cfg, max_len, compute),
                 cache_rows=0,
                 row_bytes=lay.stride,
@@ -456,6 +456,8 @@ def load_engine(
             )
             resident_bytes = 0
         else:
+            if dtype is None and quant_resident in ("auto", "none"):
+                compute = _compute_dtype(model, memory_plan)
             if quant_resident == "auto":
                 quant_resident = _resident_kind_for(model, compute, memory_plan)
             quantized = (
@@ -465,8 +467,10 @@ def load_engine(
             )
             resident = load_resident(model, compute, transform=quantized, progress=progress)
             resident_bytes = sum(nbytes(t) for t in resident.values())
-        plan = memory_plan(resident_bytes)
+        plan = memory_plan(resident_bytes, compute)
         rows = plan.cache_rows
+        if predictors is not None:
+            predictors = predictors.to(compute)
         ffn = FlashFFN(
             model,
             mode,
@@ -486,13 +490,34 @@ def load_engine(
         raise
 
 
-def _resident_kind_for(
-    model: ConvertedModel, compute: torch.dtype, memory_plan: Callable[[int], MemoryPlan]
-) -> str:
-    """ "q4" when the resident part as stored does not fit the memory plan; else "none"."""
-    stored = model.manifest["resident"]["bytes"] * compute.itemsize // model.dtype.itemsize
+Planner = Callable[[int, torch.dtype], MemoryPlan]
+
+
+def _resident_bytes(model: ConvertedModel, dtype: torch.dtype) -> int:
+    return model.manifest["resident"]["bytes"] * dtype.itemsize // model.dtype.itemsize
+
+
+def _compute_dtype(model: ConvertedModel, memory_plan: Planner) -> torch.dtype:
+    """float32, as dense computes, where holding the resident part in float32 costs the window
+    caches nothing (a generous budget, or none): the token path then converts nothing on its
+    way, and float32 decodes faster than float16 here (README, "Decisions"); else the stored
+    dtype."""
+    stored = model.dtype
+    if stored == torch.float32:
+        return stored
     try:
-        memory_plan(stored)
+        wide = memory_plan(_resident_bytes(model, torch.float32), torch.float32)
+        narrow = memory_plan(_resident_bytes(model, stored), stored)
+    except ConfigError:
+        return stored
+    return torch.float32 if wide.cache_rows == narrow.cache_rows else stored
+
+
+def _resident_kind_for(model: ConvertedModel, compute: torch.dtype, memory_plan: Planner) -> str:
+    """ "q4" when the resident part as stored does not fit the memory plan; else "none"."""
+    stored = _resident_bytes(model, compute)
+    try:
+        memory_plan(stored, compute)
         return "none"
     except ConfigError:
         log.info(

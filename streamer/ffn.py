@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from streamer import kernels
 from streamer.errors import ModelFormatError
 from streamer.flash import merge_runs
+from streamer.kernels import SparseFFN
 from streamer.layout import RESIDENT_FILE, BundleLayout, ConvertedModel
-from streamer.model import FFNWeights, ffn_forward
+from streamer.model import ACTIVATION_FNS, FFNWeights, ffn_forward
 
 ROW_BUCKET = 64  # row counts are rounded up to this (see rows_forward)
 NEURON_BLOCK = 512  # neurons of a block kind dequantized at a time (float32 copies of them)
-BIAS_KEYS = ("up_bias", "gate_bias", "down_bias")
+BIAS_KEYS = ("up_bias", "gate_bias", "down_bias")  # TokenFFN takes the first two in order
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 Biases = dict[str, torch.Tensor | None]
@@ -166,33 +168,60 @@ def prefill_ffn(
     return out, [torch.nonzero(row).flatten().numpy() for row in active]
 
 
-def gather_rows(
-    rows: torch.Tensor, ids: np.ndarray, take: np.ndarray, dest: torch.Tensor
-) -> tuple[torch.Tensor, np.ndarray]:
-    """rows[take] copied, in order, into dest[:len(take)] (a token's neurons out of its window
-    cache, so that its FFN computes on its own rows only); returns dest and the neurons' ids."""
-    idx = torch.from_numpy(np.ascontiguousarray(take, dtype=np.int64))
-    torch.index_select(rows, 0, idx, out=dest[: len(take)])
-    return dest, ids[take]
+Part = tuple[torch.Tensor, np.ndarray, np.ndarray]  # (records, rows, ids): see TokenFFN
 
 
-def sparse_ffn(
-    x: torch.Tensor,
-    layout: BundleLayout,
-    biases: Biases,
-    act: Callable,
-    *parts: tuple[torch.Tensor, np.ndarray],
-) -> torch.Tensor:
-    """One token's FFN over the neurons whose rows are given, x: [1, d] -> [1, d]. Each part
-    is (rows, ids): rows[:len(ids)] hold the bundles of neurons `ids` (the window's rows, the
-    overflow's)."""
-    out = None
-    for rows, ids in parts:
-        if len(ids) or out is None:
-            y = rows_forward(x, layout, biases, act, rows, ids)
-            out = y if out is None else out + y
-    b = biases["down_bias"]
-    return out if b is None else out + b
+class TokenFFN:
+    """One token's FFN over the neurons it needs, for both runtimes. A call takes parts
+    (records, rows, ids): the bundle of neuron ids[i] is records[rows[i]] (the window cache's
+    rows, the overflow's scratch), and computes on the records where they lie: the compiled
+    kernel (`streamer.kernels`) reads each needed byte once, with no copy of the rows. Without
+    the kernel (no compiler, STREAMER_KERNELS=off) the same sums run in torch, NEURON_BLOCK
+    rows gathered at a time."""
+
+    def __init__(self, layout: BundleLayout, activation: str, biases: list[Biases]) -> None:
+        self.layout, self.biases = layout, biases
+        self.act = ACTIVATION_FNS[activation]
+        self.kernel = None
+        if SparseFFN.supports(layout.part_kinds, activation) and kernels.available():
+            self.kernel = SparseFFN(
+                layout.parts, layout.part_spans, layout.part_kinds, layout.d_model, activation
+            )
+            # the kernel's per-neuron biases (up, gate): float32, indexed by neuron id
+            self.kernel_biases = [
+                tuple(None if b[k] is None else b[k].float().contiguous() for k in BIAS_KEYS[:2])
+                for b in biases
+            ]
+
+    def __call__(self, x: torch.Tensor, layer: int, *parts: Part) -> torch.Tensor:
+        """x [1, d] -> [1, d] in x's dtype."""
+        biases, d = self.biases[layer], self.layout.d_model
+        out = torch.zeros(d)
+        if self.kernel is not None:
+            xf = x.reshape(-1).float().contiguous()
+            up_b, gate_b = self.kernel_biases[layer]
+            part = torch.empty(d)
+            for records, rows, ids in parts:
+                if len(ids):
+                    out += self.kernel(xf, records, rows, ids, gate_b, up_b, part)
+        else:
+            xs = x.to(self.layout.dtype)
+            for records, rows, ids in parts:
+                for i in range(0, len(ids), NEURON_BLOCK):
+                    block = slice(i, i + NEURON_BLOCK)
+                    out += self._gathered(xs, biases, records, rows[block], ids[block])[0].float()
+        b = biases["down_bias"]
+        out = out if b is None else out + b.float()
+        return out.view(1, d).to(x.dtype)
+
+    def _gathered(self, x, biases, records, rows, ids) -> torch.Tensor:
+        """torch's way: the rows copied out (their count rounded up to ROW_BUCKET with copies
+        of the first, masked out), then multiplied."""
+        c = len(ids)
+        n = -(-c // ROW_BUCKET) * ROW_BUCKET
+        idx = torch.full((n,), int(rows[0]), dtype=torch.long)
+        idx[:c] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        return rows_forward(x, self.layout, biases, self.act, records.index_select(0, idx), ids)
 
 
 def rows_forward(

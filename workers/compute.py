@@ -9,9 +9,9 @@ predictor and prefetch, so that the event loop keeps receiving (and heartbeating
   neurons of its last `window` tokens' true active sets from the staged layer into the layer's
   window rows, and tells the predictor those sets (`fill`) so that its books agree.
 - A decoded token: each layer's FFN input goes to the predictor (`ffn_input`) as soon as it
-  exists; compute waits only for that layer's `rows_ready`, gathers the token's own rows out of
-  the window (the rows the predictor named in `take`), and computes on those and the overflow
-  rows with the very functions the single-process engine uses.
+  exists; compute waits only for that layer's `rows_ready`, and computes on the token's own rows
+  where they lie in the window (the rows the predictor named in `take`) and on the overflow rows,
+  with the very functions the single-process engine uses.
 
 The launcher pushes `dead` into the inbox when another stage dies: the running forward stops
 waiting and fails, and so does every later step of that sequence.
@@ -42,14 +42,7 @@ from protocol.messages import (
     RowsReady,
 )
 from streamer.errors import StreamerError
-from streamer.ffn import (
-    ffn_biases,
-    gather_rows,
-    load_resident,
-    prefill_ffn,
-    sparse_ffn,
-)
-from streamer.flash import aligned_buffer
+from streamer.ffn import TokenFFN, ffn_biases, load_resident, prefill_ffn
 from streamer.layout import ConvertedModel, parse_dtype
 from streamer.model import ACTIVATION_FNS, Transformer
 from streamer.predictor import selection_activity
@@ -84,12 +77,9 @@ class PipelineFFN:
         self.act = ACTIVATION_FNS[cfg.activation]
         self.shm = spec.rows()
         self.activity = selection_activity(model.directory)
-        # a token's window rows, gathered to be multiplied (the token's own rows only)
-        self.gathered = aligned_buffer(spec.shared.capacity * lay.stride).view(
-            spec.shared.capacity, lay.stride
-        )
-        # The FFN math runs in the stored dtype, as in the single-process engine.
+        # The FFN math runs as in the single-process engine, on the rows where they lie.
         self.biases = ffn_biases(resident, cfg.n_layers, lay.dtype)
+        self.token_ffn = TokenFFN(lay, cfg.activation, self.biases)
         # The model thread's own synchronous sockets.
         self.sockets = StageContext(spec, asyncio=False)
         self.predictor = self.sockets.link(zmq.PUSH, "predictor", False)
@@ -163,18 +153,13 @@ class PipelineFFN:
         s["cached"] += msg.cached
         if self.spec.frames:
             self._apply(msg)
-        t0 = time.perf_counter()
         take = np.asarray(msg.take)
-        gathered, ids = gather_rows(self.shm.cache(layer), self.shm.ids[layer], take, self.gathered)
-        s["mem_ms"] += (time.perf_counter() - t0) * 1e3
         overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.shared.scratch_base]
-        out = sparse_ffn(
+        out = self.token_ffn(
             x,
-            self.layout,
-            self.biases[layer],
-            self.act,
-            (gathered, ids),
-            (self.shm.scratch, overflow),
+            layer,
+            (self.shm.cache(layer), take, self.shm.ids[layer][take]),
+            (self.shm.scratch, np.arange(len(overflow)), overflow),
         )
         return out.to(self.dtype)
 

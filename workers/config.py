@@ -185,8 +185,7 @@ class PipelinePlan:
         return (
             f"pipeline: {self.memory.describe()}; windows {sl.n_layers} x {sl.capacity} rows, "
             f"overflow {sl.n_neurons - sl.capacity}, 2 staging layers of {sl.n_neurons}, in "
-            f"shared memory; compute's {sl.capacity} rows to gather a token's neurons into; the "
-            "fixed overhead is per process"
+            "shared memory; the fixed overhead is per process"
         )
 
 
@@ -216,10 +215,9 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
         row_bytes=lay.stride,
         n_layers=cfg.n_layers,
         overhead=rss_bytes() + WORKING_MEMORY,
-        # the overflow (n - c rows), two staging layers and compute's gathered rows (c): 3n;
-        # each cache row's neuron id
+        # the overflow (n - c rows) and two staging layers: 3n - c; each cache row's neuron id
         scratch_rows=3 * n,
-        scratch_per_cache_row=0,
+        scratch_per_cache_row=-1,
         book_bytes=8,
     )
     plan_memory(memory, n, "the pipeline")

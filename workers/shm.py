@@ -12,8 +12,8 @@ other way on one host: ZeroMQ messages carry only neuron ids and row numbers. Re
     then L·c int64          the neuron id of each cache row (the predictor's books, which
                             compute reads to pick each row's bias)
 
-Compute gathers each token's own rows out of its layer's window (the rows the predictor names in
-`Fetch.take`) into c rows of its private memory, and multiplies those and the overflow.
+Compute multiplies each token's own rows where they lie in its layer's window (the rows the
+predictor names in `Fetch.take`), and the overflow (`streamer.ffn.TokenFFN`).
 
 Stages on different hosts share no memory (`weights = "frames"`): each maps the same regions
 privately (`SharedRows.private`), the rows travel as zero-copy frames, and compute applies the
