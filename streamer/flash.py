@@ -96,6 +96,9 @@ class FlashReader:
                 raise StreamerError(f"cannot open {self.path}: {e.strerror}") from None
         self.size = os.fstat(self.fd).st_size
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flash")
+        # read size -> reads of that size, kept when set to a dict (bench turns it on: the
+        # disk is then probed at each size the engine read)
+        self.sizes: dict[int, int] | None = None
 
     def _warn_buffered(self, error: OSError) -> None:
         fs = os.path.dirname(os.path.abspath(self.path))
@@ -144,6 +147,9 @@ class FlashReader:
 
         With O_DIRECT, offsets, lengths and destinations must be 4096-aligned."""
         t0 = time.perf_counter()
+        if self.sizes is not None:
+            for _, view in requests:
+                self.sizes[len(view)] = self.sizes.get(len(view), 0) + 1
         if len(requests) == 1:
             total = self._pread(*requests[0])
         else:

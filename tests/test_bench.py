@@ -66,12 +66,19 @@ def test_bench_small_shape_every_row_and_ratio(tmp_path):
         "io_efficiency",
         "overlap",
         "checksum_share",
+        "all_vs_bound",
     }
     ratios = dict(report["ratios"])
     assert rows["all"]["check_ms"] > 0 and 0 <= ratios.pop("checksum_share") < 1  # reads checked
     assert all(v is not None and v > 0 for v in ratios.values()), report["ratios"]
     # I/O efficiency is against the disk at the all row's mean read: bundles, merged when adjacent.
     assert report["probe_all"]["chunk"] >= report["probe"]["chunk"]
+    # The bound probes the disk at each class of read size the all row made: its reads, counted
+    # per token, are the row's own
+    bound = rows["all"]["bound"]
+    assert sum(c["reads"] for c in bound["classes"]) == pytest.approx(rows["all"]["reads"])
+    assert all(c["chunk"] % 512 == 0 and c["gb_per_s"] > 0 for c in bound["classes"])
+    assert bound["io_ms"] > 0
     b = {name: rows[name]["bytes_read"] for name in ROWS}
     assert b["window"] < b["predictor"] < b["naive"] and b["all"] < b["predictor"]
     # Bundling reads the same neurons as the window alone, in fewer, larger reads, and the

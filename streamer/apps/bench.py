@@ -41,7 +41,7 @@ from streamer.calibrate import shipped_text
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
-from streamer.flash import ALIGN, probe_disk
+from streamer.flash import ALIGN, SECTOR, probe_disk
 from streamer.layout import ConvertedModel
 from streamer.memory import nbytes, parse_budget, rss_bytes
 from streamer.registry import load_tokenizer
@@ -194,9 +194,13 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
         cache = e.new_cache(max_len)
 
         def forward(tokens: list[int]) -> torch.Tensor:
-            return e.forward(torch.tensor(tokens), cache, last_only=True)
+            logits = e.forward(torch.tensor(tokens), cache, last_only=True)
+            if e.readers and e.readers[0].sizes is None:  # after the prompt: each read's size
+                e.readers[0].sizes = {}
+            return logits
 
         out = _decode(forward, ids, settings, bar)
+        sizes = e.readers[0].sizes if e.readers else None
         plan = e.plan
         # what the embeddings, LM head and final norm take in DRAM (quantized or not)
         embed = sum(nbytes(t) for k, t in e.model.w.items() if not k.startswith("layers."))
@@ -216,6 +220,7 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
         memory=memory,
         plan=plan,
         embed_bytes=embed,
+        read_sizes=sizes or {},
     )
 
 
@@ -356,6 +361,31 @@ def budget_split(directory: Path, plan, embed: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in split.items()}
 
 
+def size_classes(sizes: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Read sizes -> (probe chunk, reads, bytes) per power-of-two class of sizes: the class's
+    mean read, rounded up to the O_DIRECT sector."""
+    classes: dict[int, list[int]] = {}
+    for size, count in sizes.items():
+        c = classes.setdefault(max(size - 1, 1).bit_length(), [0, 0])
+        c[0] += count
+        c[1] += size * count
+    return [(-(-(b // n) // SECTOR) * SECTOR, n, b) for _, (n, b) in sorted(classes.items()) if n]
+
+
+def probe_bound(path: Path, sizes: dict[int, int], tokens: int, settings) -> dict[str, Any]:
+    """What the disk takes for a row's reads (per decoded token), probed at each class of read
+    size the row made (`size_classes`) with the engine's concurrency: the I/O time a perfect
+    engine would spend on the same reads."""
+    classes, ms = [], 0.0
+    for chunk, reads, nbytes_ in size_classes(sizes):
+        gbs = probe_disk(path, [chunk], [settings.concurrency], seconds=settings.probe_seconds)[0][
+            "gb_per_s"
+        ]
+        ms += nbytes_ / (gbs * 1e9) * 1e3 / tokens
+        classes.append({"chunk": chunk, "reads": reads / tokens, "gb_per_s": gbs})
+    return {"io_ms": round(ms, 3), "classes": classes}
+
+
 def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dict[str, Any]:
     def per_token(name: str) -> float | None:
         return rows.get(name, {}).get("median_ms")
@@ -372,6 +402,13 @@ def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dic
         # the whole model in DRAM over streaming within the budget: > 1 where sparsity wins
         "all_vs_dense": ratio(per_token("dense"), all_ms),
         "all_vs_accelerate": ratio(per_token("accelerate"), all_ms),
+        # the all row over dense plus what the disk takes for the same reads (probe_bound):
+        # the engine's own cost beyond computing and reading
+        "all_vs_bound": ratio(
+            all_ms, (per_token("dense") or 0) + rows.get("all", {}).get("bound", {}).get("io_ms", 0)
+        )
+        if all_ms and "dense" in rows and "bound" in rows.get("all", {})
+        else None,
         "pipelined_vs_serial": ratio(per_token("serial"), per_token("pipeline")),
         "io_efficiency": io_eff,
         "overlap": rows.get("pipeline", {}).get("overlap"),
@@ -468,6 +505,10 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         )[0]
         report["probe_all"] = probe
         say(f"probe at the all row's mean read size: {probe['gb_per_s']:.3f} GB/s, {chunk} B")
+        rows["all"]["bound"] = probe_bound(
+            model.ffn_path, rows["all"]["read_sizes"], rows["all"]["tokens"], settings
+        )
+        say(f"the disk's time for the all row's reads: {rows['all']['bound']['io_ms']:.1f} ms")
     report["ratios"] = ratios(rows, probe)
     for name in also:
         report["ratios"][f"{name}_bytes_vs_all"] = _ratio_of(rows, name, "all", "bytes_read")

@@ -20,6 +20,18 @@ def _affinity(settings: dict[str, Any]) -> str:
     return f"; pipeline rows: compute on CPUs {where[0]}, predictor and prefetch on {where[1]}"
 
 
+def _bound(bound: dict[str, Any] | None) -> list[str]:
+    if not bound:
+        return []
+    probed = ", ".join(
+        f"{c['reads']:.0f} of {c['chunk']} B at {c['gb_per_s']:.3f} GB/s" for c in bound["classes"]
+    )
+    return [
+        f"the disk's time for the all row's reads, probed at each size it read (per token: "
+        f"{probed}): {bound['io_ms']:.1f} ms (all_vs_bound's base, with the dense row)"
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     lines = [
@@ -38,6 +50,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + f"{report['probe']['concurrency']} in flight"
         + _affinity(report.get("settings", {})),
+        *_bound(rows.get("all", {}).get("bound")),
         "",
         "| row | tokens | read/token | reads/token | GB/s read | I/O ms | mem ms | compute ms "
         "| total ms (mean) | median [min-max] ms |",
