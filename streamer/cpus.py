@@ -15,9 +15,10 @@ def usable_cpus() -> set[int]:
     return set(range(os.cpu_count() or 1))
 
 
-# Reads in flight by default: 4 per usable CPU, at most 32. A read costs CPU as well as disk
-# time, so more threads than this read no faster (README, "Decisions", has the measurement).
-DEFAULT_CONCURRENCY = min(32, 4 * len(usable_cpus()))
+# Reads in flight by default: 16 per usable CPU, at most 32: the reader's threads wait on the
+# disk in the compiled read loop, without the interpreter's lock (README, "Decisions", has the
+# measurements; 4 per CPU was best while every read took the lock).
+DEFAULT_CONCURRENCY = min(32, 16 * len(usable_cpus()))
 
 
 def parse_cpus(spec: str, name: str) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from streamer import kernels
 from streamer.errors import ModelFormatError
-from streamer.flash import merge_runs
+from streamer.flash import Runs
 from streamer.kernels import SparseFFN
 from streamer.layout import RESIDENT_FILE, BundleLayout, ConvertedModel
 from streamer.model import ACTIVATION_FNS, FFNWeights, ffn_forward
@@ -130,20 +130,29 @@ def bundle_reads(
     dest: torch.Tensor,
     max_read: int,
     rows: np.ndarray | None = None,
-) -> list[tuple[int, memoryview]]:
-    """Reads of neurons `ids` (sorted) of `layer` into dest[rows[i]] (default dest[i]): one
-    read per run of neurons adjacent both on flash and in `dest`, split at max_read bytes."""
-    reqs: list[tuple[int, memoryview]] = []
+) -> Runs:
+    """Reads of neurons `ids` (sorted) of `layer` into dest[rows[i]] (default dest[i]; dest:
+    contiguous rows of the record stride): one read per run of neurons adjacent both on flash
+    and in `dest`, split at max_read bytes."""
     if len(ids) == 0:
-        return reqs
-    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
+        return Runs.empty()
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     stride, max_rows = layout.stride, max(max_read // layout.stride, 1)
-    view = memoryview(dest.numpy()).cast("B")
-    for first, length in merge_runs(ids, rows):
-        for j in range(first, first + length, max_rows):
-            k, r = min(max_rows, first + length - j), int(rows[j])
-            reqs.append((layout.offset(layer, int(ids[j])), view[r * stride : (r + k) * stride]))
-    return reqs
+    if not dest.is_contiguous() or dest.shape[-1] * dest.element_size() != stride:
+        raise ValueError("bundle reads land in contiguous rows of the record stride")
+    step = (np.diff(ids) != 1) | (np.diff(rows) != 1)
+    first = np.concatenate(([0], np.flatnonzero(step) + 1))
+    length = np.diff(np.append(first, len(ids)))
+    if length.max() > max_rows:  # long runs in pieces of at most max_rows
+        pieces = -(-length // max_rows)
+        run = np.repeat(np.arange(len(first)), pieces)
+        k = np.arange(len(run)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        first = first[run] + k * max_rows
+        length = np.minimum(max_rows, length[run] - k * max_rows)
+    offsets = layout.layer_offsets[layer] + ids[first] * stride
+    addresses = dest.data_ptr() + rows[first] * stride
+    return Runs(offsets, length * stride, addresses, [dest])
 
 
 def prefill_ffn(

@@ -3,24 +3,30 @@
 `FlashReader` opens a file with O_DIRECT so that the OS page cache never serves as hidden DRAM
 (the paper's cold-cache measurements). Where the filesystem refuses O_DIRECT (tmpfs, some
 network filesystems) it falls back to buffered reads followed by `posix_fadvise(DONTNEED)`, and
-logs a warning once. Reads run on a thread pool of `os.preadv` calls (the GIL is released
-while the kernel reads); `concurrency` is how many are in flight. Adjacent bundles become one
-larger read. `probe_disk` measures what the disk itself can do with the same machinery.
+logs a warning once. Reads run on a thread pool, `concurrency` of them in flight: the engine's
+bundle reads (`Runs`) each thread's stripe in one call of the compiled read loop
+(`streamer.kernels`), other reads (and every read where the loop is not built) as `os.preadv`
+calls (the GIL is released while the kernel reads, and taken for every call). Adjacent bundles
+become one larger read. `probe_disk` measures what the disk itself can do with the same
+machinery.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
+from streamer import kernels
 from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError, StreamerError
 
@@ -39,25 +45,49 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
     return torch.from_numpy(arr)  # keeps `mm` alive through the numpy base
 
 
-def merge_runs(ids: np.ndarray, rows: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """Sorted neuron ids -> (first index, length) of each run of consecutive ids (and, if
-    given, consecutive destination rows)."""
-    if len(ids) == 0:
-        return []
-    step = np.diff(ids) != 1
-    if rows is not None:
-        step |= np.diff(rows) != 1
-    breaks = np.flatnonzero(step) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(ids)]))
-    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
-
-
 @dataclass
 class ReadStats:
     bytes: int = 0
     reads: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class Runs:
+    """A batch of reads as arrays: run i reads lengths[i] bytes at file offset offsets[i] into
+    memory at address addresses[i], inside one of the `buffers` (which the batch keeps alive).
+    What the engine's bundle reads are (`streamer.ffn.bundle_reads`): thousands a token, made
+    and handed to the compiled read loop without a Python object per read."""
+
+    offsets: np.ndarray
+    lengths: np.ndarray
+    addresses: np.ndarray
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls) -> Runs:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, z)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __add__(self, other: Runs) -> Runs:
+        return Runs(
+            np.concatenate([self.offsets, other.offsets]),
+            np.concatenate([self.lengths, other.lengths]),
+            np.concatenate([self.addresses, other.addresses]),
+            self.buffers + other.buffers,
+        )
+
+    def requests(self) -> list[tuple[int, memoryview]]:
+        """The same reads as (file offset, destination) pairs (the Python path)."""
+        return [
+            (off, memoryview((ctypes.c_char * n).from_address(addr)).cast("B"))
+            for off, n, addr in zip(
+                self.offsets.tolist(), self.lengths.tolist(), self.addresses.tolist(), strict=True
+            )
+        ]
 
 
 class FlashReader:
@@ -142,26 +172,66 @@ class FlashReader:
     def _pread_all(self, requests: list[tuple[int, memoryview]]) -> int:
         return sum(self._pread(offset, view) for offset, view in requests)
 
-    def read(self, requests: list[tuple[int, memoryview]], stats: ReadStats | None = None) -> int:
-        """Read each (file offset, destination) pair, `concurrency` at a time; bytes read.
+    def _read_runs(self, lib, runs: Runs) -> int:
+        """The compiled loop over one stripe of runs (the interpreter's lock released)."""
+        error = ctypes.c_int(0)
+        got = lib.read_runs(
+            self.fd,
+            len(runs),
+            runs.offsets.ctypes.data,
+            runs.lengths.ctypes.data,
+            runs.addresses.ctypes.data,
+            self.size,
+            int(not self.direct),
+            ctypes.byref(error),
+        )
+        if got < 0:
+            at = int(runs.offsets[-got - 1])
+            if error.value == 0:
+                raise StreamerError(f"{self.path}: short read at byte {at} (file truncated?)")
+            why = os.strerror(error.value)
+            raise StreamerError(f"{self.path}: read at byte {at} failed: {why}")
+        return got
 
-        With O_DIRECT, offsets, lengths and destinations must be 4096-aligned."""
+    def read(
+        self, requests: list[tuple[int, memoryview]] | Runs, stats: ReadStats | None = None
+    ) -> int:
+        """Read each (file offset, destination) pair, or each of the Runs, `concurrency` at a
+        time; bytes read. Runs go through the compiled read loop where it is built
+        (`streamer.kernels`), pairs (and Runs without it) through Python's preadv.
+
+        With O_DIRECT, offsets, lengths and destinations must be aligned to the sector."""
         t0 = time.perf_counter()
+        n_reads = len(requests)
+        lib = kernels.library() if isinstance(requests, Runs) else None
         if self.sizes is not None:
-            for _, view in requests:
-                self.sizes[len(view)] = self.sizes.get(len(view), 0) + 1
-        if len(requests) == 1:
-            total = self._pread(*requests[0])
+            if isinstance(requests, Runs):
+                lengths = requests.lengths.tolist()
+            else:
+                lengths = [len(view) for _, view in requests]
+            for n in lengths:
+                self.sizes[n] = self.sizes.get(n, 0) + 1
+        if n_reads == 0:
+            total = 0
+        elif lib is not None:
+            assert isinstance(requests, Runs)
+            k = min(self.concurrency, n_reads)
+            parts = (requests.offsets, requests.lengths, requests.addresses)
+            stripes = [Runs(*(np.ascontiguousarray(a[i::k]) for a in parts)) for i in range(k)]
+            total = sum(self.pool.map(partial(self._read_runs, lib), stripes))
         else:
-            # `concurrency` threads, each reading its stripe of the requests one after another:
-            # as many reads in flight, without a future (and a wake-up) per read, which costs
-            # about as much CPU as a 16 KiB read takes the disk.
-            k = min(self.concurrency, len(requests))
-            stripes = [requests[i::k] for i in range(k)]
-            total = sum(self.pool.map(self._pread_all, stripes))
+            pairs = requests.requests() if isinstance(requests, Runs) else requests
+            if len(pairs) == 1:
+                total = self._pread(*pairs[0])
+            else:
+                # `concurrency` threads, each reading its stripe of the requests one after
+                # another: as many reads in flight, without a future (and a wake-up) per read,
+                # which costs about as much CPU as a 16 KiB read takes the disk.
+                k = min(self.concurrency, len(pairs))
+                total = sum(self.pool.map(self._pread_all, [pairs[i::k] for i in range(k)]))
         if stats is not None:
             stats.bytes += total
-            stats.reads += len(requests)
+            stats.reads += n_reads
             stats.seconds += time.perf_counter() - t0
         return total
 
@@ -216,20 +286,56 @@ def probe_disk(
             os.unlink(scratch)
 
 
+def size_classes(sizes: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Read sizes -> (probe chunk, reads, bytes) per power-of-two class of sizes: the class's
+    mean read, rounded up to the O_DIRECT sector."""
+    classes: dict[int, list[int]] = {}
+    for size, count in sizes.items():
+        c = classes.setdefault(max(size - 1, 1).bit_length(), [0, 0])
+        c[0] += count
+        c[1] += size * count
+    return [(-(-(b // n) // SECTOR) * SECTOR, n, b) for _, (n, b) in sorted(classes.items()) if n]
+
+
+def probe_reads(
+    path: str | os.PathLike, sizes: dict[int, int], tokens: int, concurrency: int, seconds: float
+) -> dict:
+    """What the disk takes for a run's reads (`FlashReader.sizes`, over `tokens` tokens), per
+    token: probed at each class of read size they made (`size_classes`) with their concurrency,
+    the I/O time a perfect engine would spend on the same reads."""
+    classes, ms = [], 0.0
+    for chunk, reads, nbytes in size_classes(sizes):
+        gbs = probe_disk(path, [chunk], [concurrency], seconds=seconds)[0]["gb_per_s"]
+        ms += nbytes / (gbs * 1e9) * 1e3 / tokens
+        classes.append({"chunk": chunk, "reads": reads / tokens, "gb_per_s": gbs})
+    return {"io_ms": round(ms, 3), "classes": classes}
+
+
 def _probe_cell(reader: FlashReader, size: int, chunk: int, conc: int, seconds: float) -> dict:
-    """`conc` threads each keep one random read of `chunk` bytes in flight (fio's psync jobs)."""
+    """`conc` threads each keep one random read of `chunk` bytes in flight (fio's psync jobs),
+    through the loop the engine's bundle reads take (the compiled one where it is built)."""
     slots = size // chunk
     deadline = time.perf_counter() + seconds
+    lib = kernels.library()
 
     def job(seed: int) -> tuple[int, int]:
         # Like a fio job: its own random order over the whole file, each chunk once per pass.
-        offsets = (np.random.default_rng(seed).permutation(slots) * chunk).tolist()
-        buf = [aligned_buffer(chunk).numpy()]
-        fd, done, reads = reader.fd, 0, 0
+        order = np.random.default_rng(seed).permutation(slots) * chunk
+        buf = aligned_buffer(chunk)
+        done = reads = 0
+        if lib is not None:  # 32 reads a call, into the same buffer
+            lengths = np.full(32, chunk, dtype=np.int64)
+            addresses = np.full(32, buf.data_ptr(), dtype=np.int64)
+            while time.perf_counter() < deadline:
+                at = np.take(order, np.arange(reads, reads + 32), mode="wrap")
+                done += reader._read_runs(lib, Runs(at, lengths, addresses))
+                reads += 32
+            return done, reads
+        offsets, view, fd = order.tolist(), [buf.numpy()], reader.fd
         while True:
             if reads % 32 == 0 and time.perf_counter() >= deadline:
                 return done, reads
-            done += os.preadv(fd, buf, offsets[reads % slots])
+            done += os.preadv(fd, view, offsets[reads % slots])
             reads += 1
 
     t0 = time.perf_counter()

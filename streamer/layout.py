@@ -29,6 +29,7 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from streamer import kernels
 from streamer.blocks import FLOAT_KIND, Kind, dequantize, quantize
 from streamer.blocks import kind as bundle_kind
 from streamer.config import ModelConfig
@@ -411,6 +412,27 @@ class BundleSums:
         its checksum."""
         ids = np.arange(self.sums.shape[1]) if ids is None else np.asarray(ids)
         if len(ids) == 0:
+            return
+        lib = kernels.checksums() if self.record_bytes > kernels.LONG_INPUT else None
+        if lib is not None:
+            assert rows.is_contiguous() and rows.shape[-1] * rows.element_size() == self.stride
+            want = np.ascontiguousarray(self.sums[layer][ids])
+            where = None if at is None else np.ascontiguousarray(at, dtype=np.int64)
+            if where is not None and len(where) and (where.min() < 0 or where.max() >= len(rows)):
+                raise IndexError("checked rows outside the rows given")
+            if where is None and len(ids) > len(rows):
+                raise IndexError("more bundles to check than rows given")
+            bad = lib.first_mismatch(
+                rows.data_ptr(),
+                self.stride,
+                None if where is None else where.ctypes.data,
+                len(ids),
+                self.record_bytes,
+                want.ctypes.data,
+                max(1, torch.get_num_threads()),
+            )
+            if bad >= 0:
+                raise _corrupt(layer, int(ids[bad]))
             return
         data = memoryview(rows.numpy()).cast("B")
         rb, stride = self.record_bytes, self.stride

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
+from streamer import kernels
 from streamer.errors import ConfigError, StreamerError
-from streamer.flash import ALIGN, FlashReader, ReadStats, aligned_buffer, merge_runs, probe_disk
+from streamer.ffn import bundle_reads
+from streamer.flash import ALIGN, FlashReader, ReadStats, Runs, aligned_buffer, probe_disk
+from streamer.layout import BundleLayout
 
 
 @pytest.fixture
@@ -45,13 +50,49 @@ def test_direct_reads_return_the_files_bytes(data_file):
         assert np.array_equal(whole.numpy(), data)
 
 
-def test_reading_past_the_end_of_a_truncated_file_fails_clearly(data_file):
+@pytest.fixture(params=["compiled", "python"])
+def read_loop(request, monkeypatch):
+    """Runs read through the compiled loop, and through Python's where it is not built."""
+    if request.param == "python":
+        monkeypatch.setenv("STREAMER_KERNELS", "off")
+    kernels.reset()
+    assert kernels.available() == (request.param == "compiled")
+    yield request.param
+    monkeypatch.delenv("STREAMER_KERNELS", raising=False)
+    kernels.reset()
+
+
+def test_runs_return_the_files_bytes(data_file, read_loop):
+    path, data = data_file
+    with FlashReader(path, concurrency=4) as reader:
+        buf = aligned_buffer(30 * 512).view(30, 512)
+        # 7 runs of 1-4 sectors at scattered offsets, into scattered rows of the buffer
+        offsets = np.array([0, 9, 20, 33, 40, 101, 127]) * 512
+        rows = np.array([0, 2, 6, 11, 15, 20, 26])
+        count = np.array([2, 4, 1, 3, 2, 4, 1])
+        runs = Runs(offsets, count * 512, buf.data_ptr() + rows * 512, [buf])
+        stats = ReadStats()
+        assert reader.read(runs, stats) == stats.bytes == count.sum() * 512
+        assert stats.reads == 7
+        for o, r, c in zip(offsets, rows, count, strict=True):
+            assert np.array_equal(buf[r : r + c].numpy().ravel(), data[o : o + c * 512])
+
+
+def test_reading_past_the_end_of_a_truncated_file_fails_clearly(data_file, read_loop):
     path, _ = data_file
     with FlashReader(path) as reader:
         os.truncate(path, 10 * ALIGN)  # after the reader opened it
         buf = aligned_buffer(ALIGN)
         with pytest.raises(StreamerError, match="short read"):
             reader.read([(20 * ALIGN, memoryview(buf.numpy()))])
+        runs = Runs(
+            np.array([0, 20 * ALIGN]),
+            np.array([ALIGN, ALIGN]),
+            buf.data_ptr() + 0 * np.ones(2, dtype=np.int64),
+            [buf],
+        )
+        with pytest.raises(StreamerError, match=f"short read at byte {20 * ALIGN}"):
+            reader.read(runs)
 
 
 def test_buffered_reads_return_the_same_bytes(data_file):
@@ -79,10 +120,25 @@ def test_tmpfs_refuses_o_direct_and_the_reader_warns(caplog):
     assert "O_DIRECT refused" in caplog.text
 
 
-def test_merge_runs():
-    assert merge_runs(np.array([], dtype=np.int64)) == []
-    assert merge_runs(np.array([3])) == [(0, 1)]
-    assert merge_runs(np.array([1, 2, 3, 7, 8, 10])) == [(0, 3), (3, 2), (5, 1)]
+def test_bundle_reads_merge_runs_adjacent_on_flash_and_in_memory():
+    cfg = SimpleNamespace(gated=False, d_model=128, d_ffn=64, n_layers=2)
+    lay = BundleLayout.for_config(cfg, torch.float32)  # type: ignore[arg-type]
+    s = lay.stride
+    dest = aligned_buffer(20 * s).view(20, s)
+    assert len(bundle_reads(lay, 1, np.array([], dtype=np.int64), dest, 1 << 20)) == 0
+    runs = bundle_reads(lay, 1, np.array([1, 2, 3, 7, 8, 10]), dest, 1 << 20)
+    assert (runs.offsets == lay.layer_offsets[1] + np.array([1, 7, 10]) * s).all()
+    assert (runs.lengths == np.array([3, 2, 1]) * s).all()
+    assert (runs.addresses == dest.data_ptr() + np.array([0, 3, 5]) * s).all()
+    # neurons adjacent on flash but not in memory are two reads
+    runs = bundle_reads(lay, 0, np.array([4, 5, 6]), dest, 1 << 20, np.array([9, 10, 2]))
+    assert (runs.lengths == np.array([2, 1]) * s).all()
+    assert (runs.addresses == dest.data_ptr() + np.array([9, 2]) * s).all()
+    # a run longer than max_read is read in pieces of at most max_read
+    runs = bundle_reads(lay, 0, np.arange(3, 10), dest, 3 * s)
+    assert (runs.offsets == np.array([3, 6, 9]) * s).all()
+    assert (runs.lengths == np.array([3, 3, 1]) * s).all()
+    assert (runs.addresses == dest.data_ptr() + np.array([0, 3, 6]) * s).all()
 
 
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])

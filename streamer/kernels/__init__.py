@@ -1,12 +1,15 @@
-"""The engine's one compiled kernel: a token's sparse FFN on its bundle records where they lie
-(`sparse_ffn.c`, which says why it is written by hand).
+"""The engine's compiled kernels, each file saying why it is written by hand: a token's sparse
+FFN on its bundle records where they lie (`sparse_ffn.c`), the flash reader's loop of reads
+(`reads.c`), and the bundle checksums of the read path (`sums.c`, checked against the `xxhash`
+package when it loads).
 
 It is built at first use with the machine's C compiler (`$CC`, else `cc`) for the machine it
 runs on (`-march=native`), into the cache (`$STREAMER_CACHE/kernels`, else
 `$XDG_CACHE_HOME/streamer/kernels`, else `~/.cache/streamer/kernels`) under a name that hashes
-the source, the compiler and the processor's features, and loaded with ctypes; the build takes
+the sources, the compiler and the processor's features, and loaded with ctypes; the build takes
 about a second. Where no compiler is found, or the build fails, or `STREAMER_KERNELS=off`, the
-engine computes the same sums in torch (`streamer.ffn`) and logs once why.
+engine computes the same sums in torch (`streamer.ffn`) and reads from Python threads
+(`streamer.flash`), and logs once why.
 
 The library links OpenMP, and is loaded after torch, whose own OpenMP runtime it then shares:
 the kernel's threads are torch's threads, `torch.get_num_threads()` of them.
@@ -26,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
-from streamer.blocks import KINDS, Kind
+from streamer.blocks import Kind
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("sparse_ffn.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("sparse_ffn.c", "reads.c", "sums.c"))
+LONG_INPUT = 240  # sums.c hashes inputs longer than this (XXH3's long path)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 KIND_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
 ACT_CODES = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -65,20 +70,21 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
+    texts = [s.read_text() for s in SOURCES]
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_features()]).encode()
+        "\0".join([*texts, version, " ".join(FLAGS), _cpu_features()]).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"sparse_ffn-{key}.so"
+    out = cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed into place: processes building at once (the
     # pipeline's stages) each rename a whole library.
-    fd, tmp = tempfile.mkstemp(prefix=".sparse_ffn-", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -112,16 +118,40 @@ def library() -> ctypes.CDLL | None:
             lib.sparse_ffn.argtypes = [p, i64, p, p, i64, i64, i32, i32, i32, i32]
             lib.sparse_ffn.argtypes += [i64, i64, i64, p, p, p, p, p, i32]
             lib.sparse_ffn.restype = i32
+            lib.read_runs.argtypes = [i32, i64, p, p, p, i64, i32, ctypes.POINTER(ctypes.c_int)]
+            lib.read_runs.restype = i64
+            lib.xxh3_long.argtypes = [p, i64]
+            lib.xxh3_long.restype = ctypes.c_uint64
+            lib.first_mismatch.argtypes = [p, i64, p, i64, i64, p, i32]
+            lib.first_mismatch.restype = i64
+            lib.sums_agree = _sums_agree(lib)
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _why_not = f"building {SOURCE.name} with {compiler} failed ({e})"
+            _why_not = f"building the kernels with {compiler} failed ({e})"
     if _lib is None:
         log.warning(
-            "the sparse FFN kernel is not available (%s); computing it in torch, which is "
-            'slower (README, "Decisions")',
+            "the compiled kernels are not available (%s): computing the sparse FFN in torch and "
+            'reading from Python threads, which is slower (README, "Decisions")',
             _why_not,
         )
     return _lib
+
+
+def _sums_agree(lib: ctypes.CDLL) -> bool:
+    """Whether sums.c's XXH3 equals the `xxhash` package's on inputs of every length class
+    (else the checks stay in Python, and a warning says why)."""
+    data = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8)
+    for n in (241, 256, 1023, 1024, 1025, 3456, 4096, 16384, 19_999):
+        if lib.xxh3_long(data.ctypes.data, n) != xxhash.xxh3_64_intdigest(data[:n].tobytes()):
+            log.warning("the compiled XXH3 disagrees with the xxhash package: checking in Python")
+            return False
+    return True
+
+
+def checksums() -> ctypes.CDLL | None:
+    """The library, where its checksums agree with the `xxhash` package's."""
+    lib = library()
+    return lib if lib is not None and lib.sums_agree else None
 
 
 def available() -> bool:
@@ -195,6 +225,3 @@ class SparseFFN:
         if rc != 0:
             raise ValueError("the sparse FFN kernel refused its arguments")
         return out
-
-
-__all__ = ["KINDS", "SparseFFN", "available", "library"]
