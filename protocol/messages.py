@@ -273,6 +273,7 @@ def _check_rows(msg: Any, limits: Limits) -> None:
     _check_values(msg.KIND, "moves", msg.moves.reshape(-1), limits.n_neurons, 2 * limits.n_neurons)
     _need(len(msg.take) <= msg.cached, f"{msg.KIND}.take has more rows than the window holds")
     _check_values(msg.KIND, "take", msg.take, msg.cached, limits.n_neurons)
+    _check_ids(msg.KIND, "extra", msg.extra, limits)
 
 
 def _check_data(kind: str, data: np.ndarray, rows: int, limits: Limits) -> None:
@@ -420,6 +421,7 @@ class Fetch(Message):
         "rows": (("int32", "int64"), 1),
         "moves": (("int32", "int64"), 2),
         "take": (("int32", "int64"), 1),
+        "extra": (("int32", "int64"), 1),
     }
     request_id: str
     step: int
@@ -435,6 +437,9 @@ class Fetch(Message):
     # the window rows (after this step) of the token's neurons the window holds, in neuron
     # order: what compute multiplies, beside the overflow
     take: np.ndarray = field(default_factory=_no_take)
+    # neurons among `neurons` read only because they lie between two the token needs (read
+    # gaps): kept in the window, not multiplied (compute skips them in the overflow)
+    extra: np.ndarray = field(default_factory=_no_take)
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)
@@ -450,6 +455,7 @@ class RowsReady(Message):
         "rows": (("int32", "int64"), 1),
         "moves": (("int32", "int64"), 2),
         "take": (("int32", "int64"), 1),
+        "extra": (("int32", "int64"), 1),
         "data": (("uint8",), 2),
     }
     request_id: str
@@ -465,6 +471,7 @@ class RowsReady(Message):
     moves: np.ndarray = field(default_factory=_no_moves)  # the fetch's, passed on
     data: np.ndarray = field(default_factory=_no_data)  # [len(neurons), row bytes], or none
     take: np.ndarray = field(default_factory=_no_take)  # the fetch's, passed on
+    extra: np.ndarray = field(default_factory=_no_take)  # the fetch's, passed on
 
     def check(self, limits: Limits) -> None:
         _check_rows(self, limits)

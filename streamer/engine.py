@@ -61,7 +61,7 @@ from streamer.quant import (
 )
 from streamer.sources import Source, load_dense
 from streamer.telemetry import LayerStats, Telemetry
-from streamer.window import WindowCache
+from streamer.window import MAX_READ_GAP, READ_GAP, WindowCache
 
 MODES = ("dense", "naive", "hybrid", "predictor", "window", "all", "oracle")
 SPARSE_MODES = ("predictor", "window", "all", "oracle")
@@ -117,6 +117,7 @@ class FlashFFN:
         capacity: int | None = None,
         predictors: Selection | None = None,
         resident: Mapping[str, torch.Tensor] | None = None,
+        read_gap: int = 0,
     ) -> None:
         cfg, lay = model.config, model.layout
         self.cfg, self.layout, self.mode, self.dtype = cfg, lay, mode, dtype
@@ -133,8 +134,10 @@ class FlashFFN:
             return
         capacity = n if capacity is None else capacity
         keep = mode in ("window", "all")
+        gap = read_gap if mode == "all" else 0  # the other modes are the paper's ablation
         self.caches = [
-            WindowCache(n, capacity, lay.stride, window, keep=keep) for _ in range(cfg.n_layers)
+            WindowCache(n, capacity, lay.stride, window, keep=keep, read_gap=gap)
+            for _ in range(cfg.n_layers)
         ]
         # One whole layer's rows, shared by the layers (they run one after another): a prompt's
         # layer read whole, and a token's neurons beyond its layer's capacity (the first rows).
@@ -279,14 +282,16 @@ class FlashFFN:
         stats.evicted, stats.overflow, stats.cached = plan.evicted, len(plan.overflow), cache.count
         self.telemetry.layers.append(stats)
         # Compute on this token's rows only, where they lie: its neurons in the window, then
-        # the overflow in scratch.
+        # those in the overflow's scratch (not the read gaps, `Plan.extra`: what a token
+        # computes is its selection, whatever the window holds).
         where = cache.row_of[active]
         kept = where >= 0
+        over = np.flatnonzero(~np.isin(plan.overflow, plan.extra))
         return self.token_ffn(
             x,
             layer,
             (cache.rows, where[kept], active[kept]),
-            (self.scratch, np.arange(len(plan.overflow)), plan.overflow),
+            (self.scratch, over, plan.overflow[over]),
         ).to(self.dtype)
 
 
@@ -375,6 +380,7 @@ def load_engine(
     max_len: int = 2048,
     quant_resident: str | None = "auto",
     progress: bool = False,
+    read_gap: int = READ_GAP,
 ) -> Engine:
     """A converted model ready to decode in `mode` within `dram_budget` (`progress`: a bar on
     stderr while the weights load). `quant_resident`: "q4" ("q8") keeps the resident part's
@@ -393,6 +399,8 @@ def load_engine(
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
     if window < 1:
         raise ConfigError(f"window must be at least 1, got {window}", "window")
+    if not 0 <= read_gap <= MAX_READ_GAP:
+        raise ConfigError(f"read_gap must be in [0, {MAX_READ_GAP}], got {read_gap}", "read_gap")
     overhead = rss_bytes() + WORKING_MEMORY
     model = ConvertedModel(directory)
     cfg, lay = model.config, model.layout
@@ -481,6 +489,7 @@ def load_engine(
             rows if mode in SPARSE_MODES else None,
             predictors,
             resident if mode != "naive" else naive_biases(model, compute),
+            read_gap,
         )
         transformer = Transformer(cfg, resident, ffn, compute)
         return Engine(transformer, telemetry, plan, mode, ffn, readers)

@@ -8,7 +8,8 @@ token. When the window would exceed the capacity the DRAM budget gives it, the l
 active neurons go first; a token whose own active set exceeds the capacity gets the rest in a
 scratch area (`Plan.overflow`) that is not kept. With `keep`, a neuron that left the window stays
 until its row is needed (least recently active first): what DRAM holds is never read again, so a
-bigger budget never reads more (the engine's `window` and `all` modes).
+bigger budget never reads more (the engine's `window` and `all` modes). With `read_gap`, the short
+runs of neurons between two that must be read are read too (`fill_gaps`, `Plan.extra`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import torch
 from streamer.flash import aligned_buffer
 
 NEVER = np.iinfo(np.int64).min // 2
+# The `all` mode (both runtimes) reads the runs of at most this many unneeded neurons between two
+# it must read: one read instead of two, where a read costs more than a few bundles' bytes
+# (README, "Decisions").
+READ_GAP = 2
+MAX_READ_GAP = 64
 
 
 def copy_rows(dest: torch.Tensor, dest_rows, src: torch.Tensor, src_rows) -> None:
@@ -41,6 +47,32 @@ class Plan:
     # [k, 2]: (to, from) row moves of this token's swap-deletes, composed into one gather
     # (every `from` lies beyond every `to`); only for a `books_only` cache
     moves: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    # neurons read that the token did not select: the short runs between two it needs
+    # (`read_gap`), in `load` or `overflow` like the others; kept, not computed
+    extra: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def fill_gaps(missing: np.ndarray, gap: int, row_of: np.ndarray) -> np.ndarray:
+    """`missing` (sorted neuron ids to read) with every run of at most `gap` neurons lying
+    between two of them added, unless the run holds a cached neuron (a run read whole lands in
+    consecutive rows, and a cached neuron has its row): one read instead of two, where a read
+    costs more than the bytes between (README, "Decisions")."""
+    if gap <= 0 or len(missing) < 2:
+        return missing
+    d = np.diff(missing)
+    small = np.flatnonzero((d > 1) & (d <= gap + 1))
+    if len(small) == 0:
+        return missing
+    lens = d[small] - 1
+    owner = np.repeat(np.arange(len(small)), lens)  # which gap each filler lies in
+    first = np.cumsum(lens) - lens
+    fill = missing[small][owner] + 1 + np.arange(len(owner)) - first[owner]
+    cached = row_of[fill] >= 0
+    if cached.any():
+        ok = np.ones(len(small), dtype=bool)
+        ok[owner[cached]] = False
+        fill = fill[ok[owner]]
+    return np.union1d(missing, fill)
 
 
 class WindowCache:
@@ -59,6 +91,7 @@ class WindowCache:
         ids: np.ndarray | None = None,
         books_only: bool = False,
         keep: bool = False,
+        read_gap: int = 0,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 token, got {window}")
@@ -66,6 +99,7 @@ class WindowCache:
         self.capacity = min(capacity, n_neurons)
         self.window = window
         self.keep = keep
+        self.read_gap = read_gap  # runs of at most this many unneeded neurons are read too
         if rows is None and not books_only:
             rows = aligned_buffer(self.capacity * row_bytes).view(self.capacity, row_bytes)
         self.rows = rows
@@ -101,9 +135,10 @@ class WindowCache:
         self.ids[new_count : self.count] = -1
         self.count = new_count
 
-    def step(self, active: np.ndarray, move_rows: bool = True) -> Plan:
+    def step(self, active: np.ndarray, move_rows: bool = True, gaps: bool = True) -> Plan:
         """Advance one token whose active neurons are `active` (unique ids); what to read.
-        move_rows=False keeps the books only (rows are written wholesale after, see `fill`)."""
+        move_rows=False keeps the books only (rows are written wholesale after, see `fill`);
+        gaps=False reads no read gaps (`fill`: nothing is read)."""
         self.t += 1
         active = np.asarray(active, dtype=np.int64)
         if len(active) > 1 and not (np.diff(active) > 0).all():
@@ -120,6 +155,12 @@ class WindowCache:
         self._delete(expired, move_rows)
         missing = active[self.row_of[active] < 0]
         hits = len(active) - len(missing)
+        extra = None
+        if self.read_gap > 0 and gaps:
+            filled = fill_gaps(missing, self.read_gap, self.row_of)
+            if len(filled) > len(missing):
+                extra = np.setdiff1d(filled, missing, assume_unique=True)
+                missing = filled
         evicted = len(expired)
         excess = self.count + len(missing) - self.capacity
         if excess > 0:
@@ -145,6 +186,8 @@ class WindowCache:
         plan = Plan(load, start, overflow, hits, evicted)
         if moves is not None:
             plan.moves = moves
+        if extra is not None:
+            plan.extra = extra
         return plan
 
     def fill(self, active_sets: list[np.ndarray], layer_rows: torch.Tensor | None) -> None:
@@ -152,7 +195,7 @@ class WindowCache:
         neuron's row from `layer_rows` (the whole layer, as prefill read it) in one gather.
         layer_rows=None: the books only (the pipeline's predictor; compute writes the rows)."""
         for active in active_sets:
-            self.step(active, move_rows=False)
+            self.step(active, move_rows=False, gaps=False)
         if layer_rows is not None and self.count:
             np.take(layer_rows.numpy(), self.cached, axis=0, out=self.rows.numpy()[: self.count])
 

@@ -60,7 +60,14 @@ async def collect(client, **kw) -> Done:
 LIMITS = Limits(vocab_size=49152, n_layers=30, d_model=576, n_neurons=1536, row_bytes=4096)
 ids = np.array([3, 4, 5, 900], dtype=np.int64)
 FETCH_TAKE = Fetch(
-    "r1", 3, 13, ids, np.arange(4), cached=6, take=np.array([0, 2, 5], dtype=np.int64)
+    "r1",
+    3,
+    13,
+    ids,
+    np.arange(4),
+    cached=6,
+    take=np.array([0, 2, 5], dtype=np.int64),
+    extra=np.array([4], dtype=np.int64),  # a read gap: neuron 4 lies between 3 and 5
 )
 EXAMPLES = [
     Hello(PROTOCOL_VERSION, "client", "test"),

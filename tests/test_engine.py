@@ -86,14 +86,16 @@ def sparse_opt(tmp_path_factory):
     return out
 
 
-def per_token(directory, mode: str, tokens: int = 8) -> dict:
-    with load_engine(directory, mode=mode, window=4, max_len=64) as e:
-        Generation(e, PROMPT, SamplingParams(max_tokens=tokens, temperature=0)).run()
-        return e.telemetry.summary()["per_token"]
+def per_token(directory, mode: str, tokens: int = 8, **kw) -> dict:
+    with load_engine(directory, mode=mode, window=4, max_len=64, **kw) as e:
+        ids = Generation(e, PROMPT, SamplingParams(max_tokens=tokens, temperature=0)).run()
+        return {**e.telemetry.summary()["per_token"], "tokens": ids}
 
 
 def test_bytes_per_token_fall_as_in_the_papers_table_2(sparse_opt):
-    rows = {m: per_token(sparse_opt, m) for m in ("naive", "hybrid", "predictor", "window", "all")}
+    """The paper's ablation: `all` without read gaps reads what `window` reads."""
+    modes = ("naive", "hybrid", "predictor", "window", "all")
+    rows = {m: per_token(sparse_opt, m, read_gap=0) for m in modes}
     b = {m: r["bytes_read"] for m, r in rows.items()}
     assert b["naive"] > b["hybrid"] > b["predictor"] > b["all"] > 0
     # Same neurons, same bytes: bundling changes how they are read, not what.
@@ -101,6 +103,23 @@ def test_bytes_per_token_fall_as_in_the_papers_table_2(sparse_opt):
     # ... in fewer, larger reads (one per bundle run instead of one per vector).
     assert rows["all"]["reads"] < rows["window"]["reads"]
     assert rows["predictor"]["predicted"] < rows["hybrid"]["predicted"]
+
+
+def test_read_gaps_make_fewer_reads_of_more_bytes(sparse_opt):
+    """Runs of at most N unneeded neurons between two needed ones are read with them and kept in
+    the window, not computed: fewer, longer reads, and the same tokens. (Windows of a quarter
+    of a layer: every token reads.)"""
+    with load_engine(sparse_opt, mode="all", max_len=64) as e:
+        p = e.plan
+        rows = e.cfg.d_ffn // 4
+        budget = p.total - (e.cfg.d_ffn - rows) * p.n_layers * (p.row_bytes + p.book_bytes)
+    runs = {g: per_token(sparse_opt, "all", read_gap=g, dram_budget=budget) for g in (0, 2, 8)}
+    assert runs[0]["reads"] > runs[2]["reads"] > runs[8]["reads"] > 0
+    size = {g: r["bytes_read"] / r["reads"] for g, r in runs.items()}
+    assert size[0] < size[2] < size[8]
+    assert runs[0]["tokens"] == runs[2]["tokens"] == runs[8]["tokens"]
+    with pytest.raises(ConfigError, match="read_gap"):
+        load_engine(sparse_opt, mode="all", read_gap=-1)
 
 
 def test_the_summary_says_how_big_the_ffn_on_flash_is(sparse_opt):

@@ -15,6 +15,7 @@ from streamer.calibrate import CalibrationSettings, calibrate
 from streamer.convert import convert
 from streamer.engine import load_engine
 from streamer.errors import ConfigError, ModelFormatError
+from streamer.flash import Runs
 from streamer.layout import ConvertedModel
 from streamer.quant import GROUP, dequantize, quantize
 from streamer.ranker import META_FILE, GateRanker, select
@@ -91,12 +92,24 @@ def test_calibration_reports_sparsity_and_both_perplexities(llama):
     assert saved["kind"] == "gated-ranker" and len(saved["thresholds"]) == 2
 
 
-def test_reads_are_what_the_selection_named_before_the_read(llama):
+def budget_of(directory, rows: int) -> int:
+    """A DRAM budget that leaves `rows` window rows a layer."""
+    with load_engine(directory, mode="all", max_len=64) as e:
+        p, n = e.plan, e.cfg.d_ffn
+    return p.resident + p.predictors + p.kv_cache + p.extra + (n + p.n_layers * rows) * p.row_bytes
+
+
+@pytest.mark.parametrize("read_gap", [0, 2])
+def test_reads_are_what_the_selection_named_before_the_read(llama, read_gap):
     """Per decoded token and layer: the selection comes first, from the FFN input alone; then
-    the reader is asked for exactly the selected neurons the window lacks, in order."""
+    the reader is asked for exactly the selected neurons the window lacks, in order, and (read
+    gaps) the short runs between two of them that the window does not hold either. Windows of
+    20 rows: every token reads."""
     directory, _ = llama(0.5)
     events: list[tuple] = []
-    with load_engine(directory, mode="all", max_len=64) as e:
+    budget = budget_of(directory, 20)
+    with load_engine(directory, "all", dram_budget=budget, max_len=64, read_gap=read_gap) as e:
+        assert e.plan.cache_rows == 20
         ffn, lay = e.flash_ffn, ConvertedModel(directory).layout
         predict, read = ffn.predictors.predict, ffn.reader.read
 
@@ -106,35 +119,44 @@ def test_reads_are_what_the_selection_named_before_the_read(llama):
             return ids
 
         def spy_read(reqs, stats=None):
-            events.append(("read", [(off, len(view)) for off, view in reqs]))
+            if isinstance(reqs, Runs):  # bundle reads (a prompt's layer: a list of chunks)
+                pairs = list(zip(reqs.offsets.tolist(), reqs.lengths.tolist(), strict=True))
+            else:
+                pairs = [(off, len(view)) for off, view in reqs]
+            events.append(("read", pairs))
             return read(reqs, stats)
 
         ffn.predictors.predict, ffn.reader.read = spy_predict, spy_read
         greedy_with_logits(e, PROMPT, 8)
     selects = [i for i, ev in enumerate(events) if ev[0] == "select"]
     assert len(selects) == 8 * 2
-    checked = 0
+    checked = gaps = 0
     for i in selects:
         _, layer, ids, cached = events[i]
-        missing = ids[~np.isin(ids, cached)]
+        missing = ids[~np.isin(ids, cached)].tolist()
+        want = set(missing)
+        for a, b in zip(missing, missing[1:], strict=False):
+            between = set(range(a + 1, b))
+            if len(between) <= read_gap and not between & set(cached.tolist()):
+                want |= between
         nxt = events[i + 1] if i + 1 < len(events) else ("select",)
         asked = []
         if nxt[0] == "read":
             for off, size in nxt[1]:
                 first = (off - lay.layer_offsets[layer]) // lay.stride
                 asked += range(first, first + size // lay.stride)
-        assert asked == sorted(missing.tolist())
+        assert asked == sorted(want)
         checked += len(asked)
+        gaps += len(want) - len(missing)
     assert checked > 0  # some tokens did read
+    assert (gaps > 0) == (read_gap > 0)
 
 
 def test_budgets_that_force_eviction_keep_the_tokens(llama):
     directory, _ = llama(0.5)
     with load_engine(directory, mode="all", max_len=64) as e:
-        p, n = e.plan, e.cfg.d_ffn
         free = greedy_with_logits(e, PROMPT, 16)[0]
-    budget = p.resident + p.predictors + p.kv_cache + p.extra + (n + p.n_layers * 20) * p.row_bytes
-    with load_engine(directory, mode="all", dram_budget=budget, max_len=64) as e:
+    with load_engine(directory, mode="all", dram_budget=budget_of(directory, 20), max_len=64) as e:
         assert e.plan.cache_rows == 20
         tight = greedy_with_logits(e, PROMPT, 16)[0]
         steps = e.telemetry.steps

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.window import WindowCache
+from streamer.window import WindowCache, fill_gaps
 
 N = 40
 ROW = 16
@@ -101,3 +101,51 @@ def test_books_only_moves_rebuild_the_rows_elsewhere(sets, window, capacity):
             mirror_ids[plan.start + k] = neuron
         assert np.array_equal(mirror_ids[: books.count], books.cached)
         assert torch.equal(mirror[: books.count, 0], torch.from_numpy(books.cached).to(torch.uint8))
+
+
+def brute_fill(missing: list[int], gap: int, cached: set[int]) -> list[int]:
+    out = set(missing)
+    for a, b in zip(missing, missing[1:], strict=False):
+        between = set(range(a + 1, b))
+        if 0 < len(between) <= gap and not between & cached:
+            out |= between
+    return sorted(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    missing=st.lists(st.integers(0, N - 1), unique=True, max_size=N),
+    cached=st.sets(st.integers(0, N - 1)),
+    gap=st.integers(0, 5),
+)
+def test_fill_gaps_adds_the_short_runs_between_reads_that_hold_no_cached_neuron(
+    missing, cached, gap
+):
+    missing = sorted(set(missing) - cached)
+    row_of = np.full(N, -1, dtype=np.int64)
+    row_of[sorted(cached)] = np.arange(len(cached))
+    got = fill_gaps(np.array(missing, dtype=np.int64), gap, row_of)
+    assert got.tolist() == brute_fill(missing, gap, cached)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sets=active_sets, capacity=st.integers(1, N), gap=st.integers(1, 4))
+def test_read_gaps_load_the_runs_between_and_keep_the_books(sets, capacity, gap):
+    """With read_gap, the plan reads the short runs between two missing neurons too
+    (`Plan.extra`, never a neuron the token selected or the window holds), and the window's
+    books stay exact."""
+    cache = WindowCache(N, capacity, ROW, window=3, keep=True, read_gap=gap)
+    for active in sets:
+        active = np.unique(np.array(active, dtype=np.int64))
+        missing = active[cache.row_of[active] < 0]
+        held = set(cache.cached.tolist())
+        plan = cache.step(active)
+        read = np.concatenate([plan.load, plan.overflow])
+        assert sorted(read.tolist()) == brute_fill(missing.tolist(), gap, held)
+        assert set(plan.extra.tolist()) == set(read.tolist()) - set(active.tolist())
+        assert not set(plan.extra.tolist()) & held
+        stamp(cache, plan.load, plan.start)
+        assert len(set(cache.cached.tolist())) == cache.count  # no duplicates
+        assert torch.equal(
+            cache.rows[: cache.count, 0], torch.from_numpy(cache.cached).to(torch.uint8)
+        )

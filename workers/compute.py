@@ -133,15 +133,15 @@ class PipelineFFN:
 
     def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         # x: [T, d] -> [T, d]
-        x = x.to(self.layout.dtype)
         if self.prefill:
-            out = self._prefill(x, layer)
+            out = self._prefill(x.to(self.layout.dtype), layer)
             if layer == self.cfg.n_layers - 1:
                 self.prefill = False
             return out.to(self.dtype)
         if x.shape[0] != 1:
             raise StreamerError("after the prompt, a forward takes one token at a time")
-        wire = x.float() if x.dtype == torch.bfloat16 else x
+        wire = x.to(self.layout.dtype)  # what the single-process engine's selection sees
+        wire = wire.float() if wire.dtype == torch.bfloat16 else wire
         self._send(self.predictor, FFNInput(self.request_id, self.step, layer, wire.numpy()))
         msg: RowsReady = self._wait(RowsReady, layer)
         s, ps = self.stats, msg.stats
@@ -155,11 +155,12 @@ class PipelineFFN:
             self._apply(msg)
         take = np.asarray(msg.take)
         overflow = np.asarray(msg.neurons)[np.asarray(msg.rows) >= self.spec.shared.scratch_base]
+        needed = np.flatnonzero(~np.isin(overflow, msg.extra))  # not the read gaps
         out = self.token_ffn(
             x,
             layer,
             (self.shm.cache(layer), take, self.shm.ids[layer][take]),
-            (self.shm.scratch, np.arange(len(overflow)), overflow),
+            (self.shm.scratch, needed, overflow[needed]),
         )
         return out.to(self.dtype)
 

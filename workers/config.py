@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from protocol.messages import Limits
 from protocol.sockets import Security
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.errors import ConfigError, ModelFormatError
-from streamer.layout import ConvertedModel, parse_dtype
+from streamer.layout import ConvertedModel, dtype_name, parse_dtype
 from streamer.memory import (
     WORKING_MEMORY,
     MemoryPlan,
@@ -30,6 +32,7 @@ from streamer.memory import (
 )
 from streamer.predictor import selection_file
 from streamer.registry import open_source
+from streamer.window import MAX_READ_GAP, READ_GAP
 from workers.shm import SharedLayout
 from workers.stage import StageSpec
 
@@ -48,7 +51,7 @@ class PipelineConfig:
     shm_dir: str = "/dev/shm"
     window: int = 4
     dram_budget: str = ""  # "" = no cap; "50%", "4GiB", ...
-    concurrency: int = 0  # flash reads in flight; 0 = 4 per CPU, at most 32
+    concurrency: int = 0  # flash reads in flight; 0 = 16 per CPU, at most 32
     direct: bool = True
     serial: bool = False  # the same stages, without overlap (for comparison)
     # How bundle rows reach compute: "shared" memory (one host), "frames" (zero-copy ZeroMQ
@@ -59,6 +62,9 @@ class PipelineConfig:
     # the rest. Early reads that turn out unneeded cost disk time and CPU that compute shares.
     # 0: the calibrated threshold alone (README, "Decisions").
     lookahead_p: float = 0.0
+    # runs of at most this many unneeded neurons between two a token must read are read (and
+    # computed) too: one read instead of two (the engine's --read-gap)
+    read_gap: int = READ_GAP
     dtype: str = ""  # compute dtype; "" = the stored one
     compute_threads: int = 0  # 0 = one per CPU of compute_cpus, else every core
     # CPU affinity of the stage processes (Linux), as "0" or "0-5,8": compute's CPUs, and the
@@ -100,6 +106,7 @@ class PipelineConfig:
                 "weights must be auto, shared or frames",
             ),
             (0 <= self.lookahead_p < 1, "lookahead_p must be in [0, 1)"),
+            (0 <= self.read_gap <= MAX_READ_GAP, f"read_gap must be in [0, {MAX_READ_GAP}]"),
             (
                 not compute_cpus or self.compute_threads <= len(compute_cpus),
                 "compute_threads must be at most the number of compute_cpus",
@@ -179,6 +186,7 @@ class PipelinePlan:
     model: ConvertedModel
     shared: SharedLayout
     memory: MemoryPlan
+    dtype: str  # the stages' compute dtype
 
     def describe(self) -> str:
         sl = self.shared
@@ -202,27 +210,45 @@ def plan_pipeline(config: PipelineConfig) -> PipelinePlan:
             f"{source.directory} has no predictors: run `streamer calibrate {config.model}`"
         )
     cfg, lay = source.config, source.layout
-    dtype = parse_dtype(config.dtype) if config.dtype else source.dtype
     resident_stored = source.manifest["resident"]["bytes"]
     n = cfg.d_ffn
-    memory = MemoryPlan(
-        budget=parse_budget(config.dram_budget or None, source.model_bytes),
-        model_bytes=source.model_bytes,
-        resident=resident_stored * dtype.itemsize // source.dtype.itemsize,
-        predictors=selection.stat().st_size,
-        kv_cache=kv_bytes(cfg, min(config.context, cfg.max_positions), dtype),
-        cache_rows=0,
-        row_bytes=lay.stride,
-        n_layers=cfg.n_layers,
-        overhead=rss_bytes() + WORKING_MEMORY,
-        # the overflow (n - c rows) and two staging layers: 3n - c; each cache row's neuron id
-        scratch_rows=3 * n,
-        scratch_per_cache_row=-1,
-        book_bytes=8,
-    )
-    plan_memory(memory, n, "the pipeline")
+    overhead = rss_bytes() + WORKING_MEMORY
+
+    def plan_for(dtype: torch.dtype) -> MemoryPlan:
+        memory = MemoryPlan(
+            budget=parse_budget(config.dram_budget or None, source.model_bytes),
+            model_bytes=source.model_bytes,
+            resident=resident_stored * dtype.itemsize // source.dtype.itemsize,
+            predictors=selection.stat().st_size,
+            kv_cache=kv_bytes(cfg, min(config.context, cfg.max_positions), dtype),
+            cache_rows=0,
+            row_bytes=lay.stride,
+            n_layers=cfg.n_layers,
+            overhead=overhead,
+            # the overflow (n - c rows) and two staging layers: 3n - c; each cache row's id
+            scratch_rows=3 * n,
+            scratch_per_cache_row=-1,
+            book_bytes=8,
+        )
+        return plan_memory(memory, n, "the pipeline")
+
+    if config.dtype:
+        dtype = parse_dtype(config.dtype)
+        memory = plan_for(dtype)
+    else:  # as the single-process engine chooses: float32 where it costs the windows nothing
+        dtype, memory = source.dtype, plan_for(source.dtype)
+        if dtype != torch.float32:
+            try:
+                wide = plan_for(torch.float32)
+                if wide.cache_rows == memory.cache_rows:
+                    dtype, memory = torch.float32, wide
+            except ConfigError:
+                pass
     return PipelinePlan(
-        source, SharedLayout(cfg.n_layers, n, memory.cache_rows, lay.stride), memory
+        source,
+        SharedLayout(cfg.n_layers, n, memory.cache_rows, lay.stride),
+        memory,
+        dtype_name(dtype),
     )
 
 
@@ -265,11 +291,12 @@ def stage_spec(
         serial=config.serial,
         frames=frames,
         lookahead_p=config.lookahead_p,
+        read_gap=config.read_gap,
         concurrency=config.concurrency or DEFAULT_CONCURRENCY,
         direct=config.direct,
         threads=threads if name == "compute" else 1,
         cpus=compute_cpus if name == "compute" else config.cpus("io_cpus"),
-        dtype=config.dtype,
+        dtype=plan.dtype,
         heartbeat_s=config.heartbeat_s,
         limits=stage_limits(config, plan),
         security=security_of(config),

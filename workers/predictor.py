@@ -32,6 +32,7 @@ class PredictorStage:
     def __init__(self, spec: StageSpec) -> None:
         model = ConvertedModel(spec.model_dir)
         cfg, lay = model.config, model.layout
+        gap = spec.read_gap
         self.spec, self.shared, self.n_layers = spec, spec.shared, cfg.n_layers
         self.dtype = parse_dtype(spec.dtype) if spec.dtype else model.dtype
         self.predictors = load_selection(
@@ -40,14 +41,21 @@ class PredictorStage:
         c, n = spec.shared.capacity, cfg.d_ffn
         if spec.frames:  # the books alone; compute applies each token's row moves itself
             self.caches = [
-                WindowCache(n, c, lay.stride, spec.window, books_only=True, keep=True)
+                WindowCache(n, c, lay.stride, spec.window, books_only=True, keep=True, read_gap=gap)
                 for _ in range(cfg.n_layers)
             ]
         else:
             self.shm = spec.rows()
             self.caches = [
                 WindowCache(
-                    n, c, lay.stride, spec.window, self.shm.cache(i), self.shm.ids[i], keep=True
+                    n,
+                    c,
+                    lay.stride,
+                    spec.window,
+                    self.shm.cache(i),
+                    self.shm.ids[i],
+                    keep=True,
+                    read_gap=gap,
                 )
                 for i in range(cfg.n_layers)
             ]
@@ -98,7 +106,17 @@ class PredictorStage:
         where = cache.row_of[active]
         take = where[where >= 0]  # the token's neurons in the window, in neuron order
         yield Fetch(
-            msg.request_id, step, layer, neurons, rows, False, count, stats, plan.moves, take
+            msg.request_id,
+            step,
+            layer,
+            neurons,
+            rows,
+            False,
+            count,
+            stats,
+            plan.moves,
+            take,
+            plan.extra,
         )
         nxt = layer + 1
         if self.spec.serial or nxt >= self.n_layers:

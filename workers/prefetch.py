@@ -166,6 +166,7 @@ class PrefetchStage:
             msg.moves,
             out.numpy() if self.frames else np.zeros((0, 0), np.uint8),
             msg.take,
+            msg.extra,
         )
 
     def _buffer(self, n_rows: int):

@@ -58,6 +58,7 @@ class StageSpec:
     parent_pid: int = 0
     frames: bool = False  # rows travel as frames; no shared memory (stages on several hosts)
     lookahead_p: float = 0.0  # the look-ahead reads only neurons at least this likely
+    read_gap: int = 0  # the predictor's WindowCache(read_gap)
     cpus: tuple[int, ...] = ()  # the CPUs this stage runs on; () = any
 
     def rows(self) -> SharedRows:

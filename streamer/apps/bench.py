@@ -41,10 +41,12 @@ from streamer.calibrate import shipped_text
 from streamer.cpus import DEFAULT_CONCURRENCY, parse_cpus, usable_cpus
 from streamer.engine import load_engine
 from streamer.errors import ConfigError
-from streamer.flash import ALIGN, SECTOR, probe_disk
+from streamer.flash import ALIGN, probe_disk, probe_reads
 from streamer.layout import ConvertedModel
 from streamer.memory import nbytes, parse_budget, rss_bytes
+from streamer.quant import RESIDENT_KINDS
 from streamer.registry import load_tokenizer
+from streamer.window import READ_GAP
 from workers.config import PipelineConfig, plan_pipeline
 from workers.launcher import Pipeline
 
@@ -79,7 +81,9 @@ class BenchSettings:
     compute_cpus: str = ""  # the pipeline rows' affinity (PipelineConfig)
     io_cpus: str = ""
     lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)
-    quant_resident: str | None = None  # the engine rows' resident part (load_engine)
+    # the engine rows' resident part (load_engine's quant_resident: auto, as the engine's default)
+    quant_resident: str = "auto"
+    read_gap: int = READ_GAP  # the engine rows' (load_engine)
     dtype: str | None = None  # the engine rows' compute dtype (None: each mode's default)
     # other conversions of the same model (`convert --quant KIND`): an `all` row each, named
     # all-KIND, at the same DRAM budget in bytes as the model's own rows
@@ -93,7 +97,10 @@ class BenchSettings:
             raise ConfigError("--tokens must be >= 2, --max-seconds > 0 and --window >= 1")
         if not 0 <= self.lookahead_p < 1:
             raise ConfigError(f"--lookahead-p must be in [0, 1), got {self.lookahead_p}")
-        if self.quant_resident and set(self.rows) & {*PIPELINE_ROWS, "accelerate"}:
+        if self.quant_resident in RESIDENT_KINDS and set(self.rows) & {
+            *PIPELINE_ROWS,
+            "accelerate",
+        }:
             raise ConfigError(
                 "--quant-resident is for the engine rows: leave the pipeline and accelerate "
                 "rows out with --rows"
@@ -190,6 +197,7 @@ def engine_row(directory: Path, mode: str, ids: list[int], settings: BenchSettin
         max_len=max_len,
         quant_resident=None if mode == "naive" else settings.quant_resident,
         dtype=settings.dtype,
+        read_gap=settings.read_gap,
     ) as e:
         cache = e.new_cache(max_len)
 
@@ -361,31 +369,6 @@ def budget_split(directory: Path, plan, embed: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in split.items()}
 
 
-def size_classes(sizes: dict[int, int]) -> list[tuple[int, int, int]]:
-    """Read sizes -> (probe chunk, reads, bytes) per power-of-two class of sizes: the class's
-    mean read, rounded up to the O_DIRECT sector."""
-    classes: dict[int, list[int]] = {}
-    for size, count in sizes.items():
-        c = classes.setdefault(max(size - 1, 1).bit_length(), [0, 0])
-        c[0] += count
-        c[1] += size * count
-    return [(-(-(b // n) // SECTOR) * SECTOR, n, b) for _, (n, b) in sorted(classes.items()) if n]
-
-
-def probe_bound(path: Path, sizes: dict[int, int], tokens: int, settings) -> dict[str, Any]:
-    """What the disk takes for a row's reads (per decoded token), probed at each class of read
-    size the row made (`size_classes`) with the engine's concurrency: the I/O time a perfect
-    engine would spend on the same reads."""
-    classes, ms = [], 0.0
-    for chunk, reads, nbytes_ in size_classes(sizes):
-        gbs = probe_disk(path, [chunk], [settings.concurrency], seconds=settings.probe_seconds)[0][
-            "gb_per_s"
-        ]
-        ms += nbytes_ / (gbs * 1e9) * 1e3 / tokens
-        classes.append({"chunk": chunk, "reads": reads / tokens, "gb_per_s": gbs})
-    return {"io_ms": round(ms, 3), "classes": classes}
-
-
 def ratios(rows: dict[str, dict[str, Any]], probe: dict[str, Any] | None) -> dict[str, Any]:
     def per_token(name: str) -> float | None:
         return rows.get(name, {}).get("median_ms")
@@ -505,8 +488,12 @@ def run_bench(directory: Path, settings: BenchSettings, progress: bool = True) -
         )[0]
         report["probe_all"] = probe
         say(f"probe at the all row's mean read size: {probe['gb_per_s']:.3f} GB/s, {chunk} B")
-        rows["all"]["bound"] = probe_bound(
-            model.ffn_path, rows["all"]["read_sizes"], rows["all"]["tokens"], settings
+        rows["all"]["bound"] = probe_reads(
+            model.ffn_path,
+            rows["all"]["read_sizes"],
+            rows["all"]["tokens"],
+            settings.concurrency,
+            settings.probe_seconds,
         )
         say(f"the disk's time for the all row's reads: {rows['all']['bound']['io_ms']:.1f} ms")
     report["ratios"] = ratios(rows, probe)

@@ -18,6 +18,7 @@ from streamer.memory import parse_size
 from streamer.quant import RESIDENT_CHOICES
 from streamer.services.engines import EngineOptions, open_model_engine
 from streamer.sources import Source
+from streamer.window import MAX_READ_GAP, READ_GAP
 
 log = logging.getLogger("streamer")
 
@@ -67,7 +68,14 @@ def add_engine(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--concurrency",
         type=int,
-        help=f"flash reads in flight (default: 4 per CPU, at most 32: {DEFAULT_CONCURRENCY} here)",
+        help=f"flash reads in flight (default: 16 per CPU, at most 32: {DEFAULT_CONCURRENCY} here)",
+    )
+    g.add_argument(
+        "--read-gap",
+        type=int,
+        metavar="N",
+        help="mode all: also read the runs of at most N neurons lying between two it must "
+        f"read, and compute them (one read instead of two; default: {READ_GAP})",
     )
     g.add_argument(
         "--buffered",
@@ -120,6 +128,10 @@ def check_engine_args(args: argparse.Namespace) -> None:
     """What can be checked without the model, before it is opened (which may convert it)."""
     if args.window is not None and args.window < 1:
         raise ConfigError(f"window must be at least 1, got {args.window}", "window")
+    if args.read_gap is not None and not 0 <= args.read_gap <= MAX_READ_GAP:
+        raise ConfigError(
+            f"read_gap must be in [0, {MAX_READ_GAP}], got {args.read_gap}", "read_gap"
+        )
     if args.concurrency is not None and not 1 <= args.concurrency <= 1024:
         raise ConfigError(
             f"concurrency must be in [1, 1024], got {args.concurrency}", "concurrency"
@@ -139,5 +151,6 @@ def open_engine(args: argparse.Namespace, source: Source, max_len: int) -> Engin
         dtype=args.dtype,
         quant_resident=args.quant_resident,
         progress=True,
+        read_gap=READ_GAP if args.read_gap is None else args.read_gap,
     )
     return open_model_engine(str(args.model), source, options, max_len)

@@ -170,6 +170,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
         "window": args.window,
         "concurrency": args.concurrency,
         "context": args.context,
+        "read_gap": args.read_gap,
     }
     if args.mode not in ("auto", "all"):
         raise ConfigError(f"the pipeline runs mode all; --mode {args.mode} needs no --config")

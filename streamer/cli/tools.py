@@ -14,8 +14,9 @@ from streamer.cpus import DEFAULT_CONCURRENCY
 from streamer.errors import ConfigError
 from streamer.flash import ALIGN, probe_disk
 from streamer.memory import parse_size
-from streamer.quant import RESIDENT_KINDS
+from streamer.quant import RESIDENT_CHOICES
 from streamer.registry import converted_dir
+from streamer.window import READ_GAP
 
 
 def register(sub) -> None:
@@ -90,7 +91,7 @@ def register(sub) -> None:
         "--concurrency",
         type=int,
         default=DEFAULT_CONCURRENCY,
-        help="reads in flight (default: 4 per CPU, at most 32: %(default)s here)",
+        help="reads in flight (default: 16 per CPU, at most 32: %(default)s here)",
     )
     p.add_argument("--probe-seconds", type=float, default=2.0, help="disk probe time (2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -111,9 +112,17 @@ def register(sub) -> None:
         "calibrated threshold)",
     )
     p.add_argument(
+        "--read-gap",
+        type=int,
+        metavar="N",
+        help=f"engine rows: the all mode's read gap (see generate --help; default {READ_GAP})",
+    )
+    p.add_argument(
         "--quant-resident",
-        choices=RESIDENT_KINDS,
-        help="engine rows: the resident part's matrices in 4 bits (see generate --help)",
+        choices=RESIDENT_CHOICES,
+        default="auto",
+        help="engine rows: the resident part's matrices in 4 or 8 bits, as stored (none), or "
+        "in 4 bits where the budget needs it (auto, the default; see generate --help)",
     )
     p.add_argument(
         "--dtype",
@@ -187,6 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quant_resident=args.quant_resident,
         dtype=args.dtype,
         also=tuple(args.also),
+        read_gap=READ_GAP if args.read_gap is None else args.read_gap,
     )
     report = run_bench(converted_dir(args.model), settings)
     print(json.dumps(report, default=str) if args.json else markdown(report))

@@ -20,6 +20,7 @@ from streamer.layout import ConvertedModel
 from streamer.predictor import selection_file
 from streamer.quant import RESIDENT_KINDS
 from streamer.sources import Source
+from streamer.window import READ_GAP
 
 log = logging.getLogger("streamer")
 
@@ -34,6 +35,7 @@ class EngineOptions:
     dtype: str | None = None
     quant_resident: str | None = "auto"
     progress: bool = False  # a bar on stderr while the weights load
+    read_gap: int = READ_GAP
 
 
 def calibrate_default(source: ConvertedModel) -> bool:
@@ -93,6 +95,7 @@ def open_model_engine(model: str, source: Source, options: EngineOptions, max_le
         max_len=max_len,
         quant_resident=options.quant_resident,
         progress=options.progress,
+        read_gap=options.read_gap,
     )
     if engine.mode != "dense" or options.dram_budget:
         log.info("mode %s: %s", engine.mode, engine.plan.describe())
