@@ -229,7 +229,8 @@ class FlashFFN:
         return torch.nonzero(h[0].abs() > self.activity[layer]).flatten().numpy()
 
     def _bundle_requests(self, layer: int, ids: np.ndarray, rows: torch.Tensor):
-        return bundle_reads(self.layout, layer, ids, rows, self.reader.max_read)
+        """The reads of these bundles, each checked as it lands where the reader can."""
+        return bundle_reads(self.layout, layer, ids, rows, self.reader.max_read, sums=self.sums)
 
     def _read_vectors(
         self, layer: int, ids: np.ndarray, rows: torch.Tensor, read: ReadStats
@@ -273,7 +274,9 @@ class FlashFFN:
                 self.reader.read(reqs, read)
         stats.bytes_read, stats.reads = read.bytes, read.reads
         stats.io_ms, stats.mem_ms = read.seconds * 1e3, mem * 1e3
-        self._check(stats, layer, (plan.load, new_rows), (plan.overflow, over_rows))
+        stats.check_ms = read.check_seconds * 1e3  # checked as they landed: inside io_ms
+        if self.mode == "window" or not self.sums.checked_in_flight:
+            self._check(stats, layer, (plan.load, new_rows), (plan.overflow, over_rows))
         stats.predicted, stats.hits, stats.loaded = (
             len(active),
             plan.hits,

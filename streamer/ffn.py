@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from streamer import kernels
 from streamer.errors import ModelFormatError
-from streamer.flash import Runs
+from streamer.flash import RecordCheck, Runs
 from streamer.kernels import SparseFFN
-from streamer.layout import RESIDENT_FILE, BundleLayout, ConvertedModel
+from streamer.layout import RESIDENT_FILE, BundleLayout, BundleSums, ConvertedModel, corrupt
 from streamer.model import ACTIVATION_FNS, FFNWeights, ffn_forward
 
 ROW_BUCKET = 64  # row counts are rounded up to this (see rows_forward)
@@ -130,10 +130,13 @@ def bundle_reads(
     dest: torch.Tensor,
     max_read: int,
     rows: np.ndarray | None = None,
+    sums: BundleSums | None = None,
 ) -> Runs:
     """Reads of neurons `ids` (sorted) of `layer` into dest[rows[i]] (default dest[i]; dest:
     contiguous rows of the record stride): one read per run of neurons adjacent both on flash
-    and in `dest`, split at max_read bytes."""
+    and in `dest`, split at max_read bytes. With `sums`, each bundle is checked as it lands
+    where the compiled reader can (`Runs.check` is then set; else it is None, and the caller
+    checks the rows itself)."""
     if len(ids) == 0:
         return Runs.empty()
     ids = np.asarray(ids, dtype=np.int64)
@@ -152,7 +155,15 @@ def bundle_reads(
         length = np.minimum(max_rows, length[run] - k * max_rows)
     offsets = layout.layer_offsets[layer] + ids[first] * stride
     addresses = dest.data_ptr() + rows[first] * stride
-    return Runs(offsets, length * stride, addresses, [dest])
+    check = None
+    if sums is not None and sums.checked_in_flight:
+
+        def error(k: int, ids=ids) -> Exception:
+            return corrupt(layer, int(ids[k]))
+
+        want = np.ascontiguousarray(sums.sums[layer][ids])
+        check = RecordCheck(want, first, stride, sums.record_bytes, error)
+    return Runs(offsets, length * stride, addresses, [dest], check)
 
 
 def prefill_ffn(

@@ -19,12 +19,13 @@ import mmap
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
+import xxhash
 
 from streamer import kernels
 from streamer.cpus import DEFAULT_CONCURRENCY
@@ -50,19 +51,51 @@ class ReadStats:
     bytes: int = 0
     reads: int = 0
     seconds: float = 0.0
+    # the reader threads' time checking bundles as they landed, added up over the threads
+    # (inside `seconds`, overlapped with other reads)
+    check_seconds: float = 0.0
+
+
+@dataclass
+class RecordCheck:
+    """What a batch of bundle reads is checked against as it lands: record r of run i (`stride`
+    bytes apart) hashes, XXH3-64 of its first `record_bytes`, to want[first[i] + r];
+    `error(k)` is the exception for want[k]'s record (naming its layer and neuron)."""
+
+    want: np.ndarray  # uint64, a record each
+    first: np.ndarray  # int64, a run each
+    stride: int
+    record_bytes: int
+    error: Callable[[int], Exception]
+
+    def __add__(self, other: RecordCheck) -> RecordCheck:
+        n = len(self.want)
+
+        def error(k: int) -> Exception:
+            return self.error(k) if k < n else other.error(k - n)
+
+        return RecordCheck(
+            np.concatenate([self.want, other.want]),
+            np.concatenate([self.first, other.first + n]),
+            self.stride,
+            self.record_bytes,
+            error,
+        )
 
 
 @dataclass
 class Runs:
     """A batch of reads as arrays: run i reads lengths[i] bytes at file offset offsets[i] into
-    memory at address addresses[i], inside one of the `buffers` (which the batch keeps alive).
-    What the engine's bundle reads are (`streamer.ffn.bundle_reads`): thousands a token, made
-    and handed to the compiled read loop without a Python object per read."""
+    memory at address addresses[i], inside one of the `buffers` (which the batch keeps alive),
+    checked as it lands where `check` is given. What the engine's bundle reads are
+    (`streamer.ffn.bundle_reads`): thousands a token, made and handed to the compiled read
+    loop without a Python object per read."""
 
     offsets: np.ndarray
     lengths: np.ndarray
     addresses: np.ndarray
     buffers: list[torch.Tensor] = field(default_factory=list)
+    check: RecordCheck | None = None
 
     @classmethod
     def empty(cls) -> Runs:
@@ -73,12 +106,31 @@ class Runs:
         return len(self.offsets)
 
     def __add__(self, other: Runs) -> Runs:
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        if (self.check is None) != (other.check is None):
+            raise ValueError("runs with checks and runs without do not add up")
         return Runs(
             np.concatenate([self.offsets, other.offsets]),
             np.concatenate([self.lengths, other.lengths]),
             np.concatenate([self.addresses, other.addresses]),
             self.buffers + other.buffers,
+            None if self.check is None else self.check + other.check,  # type: ignore[operator]
         )
+
+    def verify(self) -> None:
+        """The check in Python (where the compiled loop is not built)."""
+        c = self.check
+        if c is None:
+            return
+        lengths, addresses = self.lengths.tolist(), self.addresses.tolist()
+        for i, (n, addr) in enumerate(zip(lengths, addresses, strict=True)):
+            for r in range(n // c.stride):
+                data = ctypes.string_at(addr + r * c.stride, c.record_bytes)
+                if xxhash.xxh3_64_intdigest(data) != int(c.want[c.first[i] + r]):
+                    raise c.error(int(c.first[i]) + r)
 
     def requests(self) -> list[tuple[int, memoryview]]:
         """The same reads as (file offset, destination) pairs (the Python path)."""
@@ -126,6 +178,9 @@ class FlashReader:
                 raise StreamerError(f"cannot open {self.path}: {e.strerror}") from None
         self.size = os.fstat(self.fd).st_size
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flash")
+        # the compiled reader's threads, for Runs (started here, stopped by close)
+        self.lib = kernels.library()
+        self.cpool = self.lib.pool_new(concurrency) if self.lib is not None else None
         # read size -> reads of that size, kept when set to a dict (bench turns it on: the
         # disk is then probed at each size the engine read)
         self.sizes: dict[int, int] | None = None
@@ -145,6 +200,9 @@ class FlashReader:
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:
             self.pool.shutdown(wait=True)
+            if self.cpool is not None:
+                self.lib.pool_free(self.cpool)
+                self.cpool = None
             os.close(self.fd)
             self.fd = None
 
@@ -172,8 +230,16 @@ class FlashReader:
     def _pread_all(self, requests: list[tuple[int, memoryview]]) -> int:
         return sum(self._pread(offset, view) for offset, view in requests)
 
+    def _failed(self, runs: Runs, got: int, error: int, record: int) -> Exception:
+        at = int(runs.offsets[-got - 1])
+        if error == -1 and runs.check is not None:  # a record's checksum
+            return runs.check.error(int(runs.check.first[-got - 1]) + record)
+        if error == 0:
+            return StreamerError(f"{self.path}: short read at byte {at} (file truncated?)")
+        return StreamerError(f"{self.path}: read at byte {at} failed: {os.strerror(error)}")
+
     def _read_runs(self, lib, runs: Runs) -> int:
-        """The compiled loop over one stripe of runs (the interpreter's lock released)."""
+        """The compiled loop over runs on this thread (the probe's jobs; no checks)."""
         error = ctypes.c_int(0)
         got = lib.read_runs(
             self.fd,
@@ -186,11 +252,39 @@ class FlashReader:
             ctypes.byref(error),
         )
         if got < 0:
-            at = int(runs.offsets[-got - 1])
-            if error.value == 0:
-                raise StreamerError(f"{self.path}: short read at byte {at} (file truncated?)")
-            why = os.strerror(error.value)
-            raise StreamerError(f"{self.path}: read at byte {at} failed: {why}")
+            raise self._failed(runs, got, error.value, 0)
+        return got
+
+    def _read_pooled(self, runs: Runs, stats: ReadStats | None) -> int:
+        """The compiled reader's threads over the whole batch, each record checked as it lands
+        where the runs say how (the interpreter's lock released for the call)."""
+        error, record, check_ns = ctypes.c_int(0), ctypes.c_int64(-1), ctypes.c_int64(0)
+        c = runs.check
+        arrays = [
+            np.ascontiguousarray(a, dtype=np.int64)
+            for a in (runs.offsets, runs.lengths, runs.addresses)
+        ]
+        want = None if c is None else np.ascontiguousarray(c.want, dtype=np.uint64)
+        first = None if c is None else np.ascontiguousarray(c.first, dtype=np.int64)
+        got = self.lib.pool_read(
+            self.cpool,
+            self.fd,
+            len(runs),
+            *(a.ctypes.data for a in arrays),
+            self.size,
+            int(not self.direct),
+            0 if c is None else c.stride,
+            0 if c is None else c.record_bytes,
+            None if want is None else want.ctypes.data,
+            None if first is None else first.ctypes.data,
+            ctypes.byref(error),
+            ctypes.byref(record),
+            ctypes.byref(check_ns),
+        )
+        if stats is not None:
+            stats.check_seconds += check_ns.value / 1e9
+        if got < 0:
+            raise self._failed(runs, got, error.value, record.value)
         return got
 
     def read(
@@ -213,12 +307,9 @@ class FlashReader:
                 self.sizes[n] = self.sizes.get(n, 0) + 1
         if n_reads == 0:
             total = 0
-        elif lib is not None:
+        elif lib is not None and self.cpool is not None:
             assert isinstance(requests, Runs)
-            k = min(self.concurrency, n_reads)
-            parts = (requests.offsets, requests.lengths, requests.addresses)
-            stripes = [Runs(*(np.ascontiguousarray(a[i::k]) for a in parts)) for i in range(k)]
-            total = sum(self.pool.map(partial(self._read_runs, lib), stripes))
+            total = self._read_pooled(requests, stats)
         else:
             pairs = requests.requests() if isinstance(requests, Runs) else requests
             if len(pairs) == 1:
@@ -229,6 +320,8 @@ class FlashReader:
                 # which costs about as much CPU as a 16 KiB read takes the disk.
                 k = min(self.concurrency, len(pairs))
                 total = sum(self.pool.map(self._pread_all, [pairs[i::k] for i in range(k)]))
+            if isinstance(requests, Runs):
+                requests.verify()
         if stats is not None:
             stats.bytes += total
             stats.reads += n_reads

@@ -400,6 +400,11 @@ class BundleSums:
     def nbytes(self) -> int:
         return self.sums.nbytes
 
+    @property
+    def checked_in_flight(self) -> bool:
+        """Whether the compiled reader can check these bundles as they land (`kernels`)."""
+        return self.record_bytes > kernels.LONG_INPUT and kernels.checksums() is not None
+
     def check(
         self,
         layer: int,
@@ -432,7 +437,7 @@ class BundleSums:
                 max(1, torch.get_num_threads()),
             )
             if bad >= 0:
-                raise _corrupt(layer, int(ids[bad]))
+                raise corrupt(layer, int(ids[bad]))
             return
         data = memoryview(rows.numpy()).cast("B")
         rb, stride = self.record_bytes, self.stride
@@ -445,10 +450,10 @@ class BundleSums:
         digest = xxhash.xxh3_64_intdigest
         for i, (start, expected) in enumerate(zip(starts, want, strict=True)):
             if digest(data[start : start + rb]) != expected:
-                raise _corrupt(layer, int(ids[i]))
+                raise corrupt(layer, int(ids[i]))
 
 
-def _corrupt(layer: int, neuron: int) -> CorruptData:
+def corrupt(layer: int, neuron: int) -> CorruptData:
     return CorruptData(
         f"{FFN_FILE}: layer {layer} neuron {neuron} does not match its checksum: the data on "
         "flash is corrupt (run `streamer verify`, then convert again)"

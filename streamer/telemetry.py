@@ -43,7 +43,9 @@ class LayerStats:
     cached: int = 0
     io_ms: float = 0.0
     mem_ms: float = 0.0
-    check_ms: float = 0.0  # part of mem_ms: the bundles' checksums
+    # the bundles' checksums: part of mem_ms, or (checked by the reader threads as they landed)
+    # their time added up over the threads, inside io_ms
+    check_ms: float = 0.0
 
 
 class Telemetry:

@@ -12,7 +12,15 @@ import torch
 from streamer import kernels
 from streamer.errors import ConfigError, StreamerError
 from streamer.ffn import bundle_reads
-from streamer.flash import ALIGN, FlashReader, ReadStats, Runs, aligned_buffer, probe_disk
+from streamer.flash import (
+    ALIGN,
+    FlashReader,
+    ReadStats,
+    RecordCheck,
+    Runs,
+    aligned_buffer,
+    probe_disk,
+)
 from streamer.layout import BundleLayout
 
 
@@ -159,3 +167,51 @@ def test_probe_disk_measures_each_cell(tmp_path, processes):
 def test_concurrency_is_validated(data_file):
     with pytest.raises(ConfigError, match="concurrency"):
         FlashReader(data_file[0], concurrency=0)
+
+
+def test_runs_are_checked_as_they_land_and_name_the_first_bad_record(tmp_path, read_loop):
+    """Each record of a batch is hashed (XXH3-64 of its first record_bytes) as it lands; a
+    flipped byte is the error of that record, the first in the batch's order, through either
+    loop; intact records pass."""
+    import xxhash
+
+    stride, record, n = 1024, 1000, 48
+    data = np.random.default_rng(3).integers(0, 256, size=n * stride, dtype=np.uint8)
+    path = tmp_path / "records.bin"
+    path.write_bytes(data.tobytes())
+    want = np.array(
+        [
+            xxhash.xxh3_64_intdigest(data[i * stride : i * stride + record].tobytes())
+            for i in range(n)
+        ],
+        dtype=np.uint64,
+    )
+    ids = np.array([1, 2, 3, 9, 10, 20, 30, 31, 32, 33, 40])  # runs: 1-3, 9-10, 20, 30-33, 40
+    first = np.array([0, 3, 5, 6, 10])
+    count = np.array([3, 2, 1, 4, 1])
+
+    def runs(buf):
+        check = RecordCheck(want[ids], first, stride, record, lambda k: ValueError(f"record {k}"))
+        return Runs(
+            ids[first] * stride,
+            count * stride,
+            buf.data_ptr() + first * stride,
+            [buf],
+            check,
+        )
+
+    with FlashReader(path, concurrency=4) as reader:
+        buf = aligned_buffer(len(ids) * stride).view(len(ids), stride)
+        assert reader.read(runs(buf)) == len(ids) * stride
+        assert np.array_equal(buf.numpy(), data.reshape(n, stride)[ids])
+    for bad in (31, 9):  # record 7 (of neuron 31), then record 3 (of neuron 9)
+        flipped = data.copy()
+        flipped[bad * stride + 17] ^= 0xFF
+        flipped[32 * stride + 5] ^= 0xFF  # and a later one: the first in order is named
+        path.write_bytes(flipped.tobytes())
+        buf = aligned_buffer(len(ids) * stride).view(len(ids), stride)
+        with (
+            FlashReader(path, concurrency=4) as reader,
+            pytest.raises(ValueError, match=f"record {list(ids).index(bad)}$"),
+        ):
+            reader.read(runs(buf))

@@ -63,7 +63,7 @@ class PipelineConfig:
     # 0: the calibrated threshold alone (README, "Decisions").
     lookahead_p: float = 0.0
     # runs of at most this many unneeded neurons between two a token must read are read (and
-    # computed) too: one read instead of two (the engine's --read-gap)
+    # kept, not computed) too: one read instead of two (the engine's --read-gap)
     read_gap: int = READ_GAP
     dtype: str = ""  # compute dtype; "" = the stored one
     compute_threads: int = 0  # 0 = one per CPU of compute_cpus, else every core

@@ -118,8 +118,14 @@ def library() -> ctypes.CDLL | None:
             lib.sparse_ffn.argtypes = [p, i64, p, p, i64, i64, i32, i32, i32, i32]
             lib.sparse_ffn.argtypes += [i64, i64, i64, p, p, p, p, p, i32]
             lib.sparse_ffn.restype = i32
-            lib.read_runs.argtypes = [i32, i64, p, p, p, i64, i32, ctypes.POINTER(ctypes.c_int)]
+            err = ctypes.POINTER(ctypes.c_int)
+            lib.read_runs.argtypes = [i32, i64, p, p, p, i64, i32, err]
             lib.read_runs.restype = i64
+            lib.pool_new.argtypes, lib.pool_new.restype = [i32], p
+            lib.pool_free.argtypes, lib.pool_free.restype = [p], None
+            lib.pool_read.argtypes = [p, i32, i64, p, p, p, i64, i32, i64, i64, p, p, err]
+            lib.pool_read.argtypes += [ctypes.POINTER(ctypes.c_int64)] * 2
+            lib.pool_read.restype = i64
             lib.xxh3_long.argtypes = [p, i64]
             lib.xxh3_long.restype = ctypes.c_uint64
             lib.first_mismatch.argtypes = [p, i64, p, i64, i64, p, i32]
