@@ -18,6 +18,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -178,9 +179,16 @@ class FlashReader:
                 raise StreamerError(f"cannot open {self.path}: {e.strerror}") from None
         self.size = os.fstat(self.fd).st_size
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="flash")
-        # the compiled reader's threads, for Runs (started here, stopped by close)
+        # the compiled reader's pools of threads, for Runs (the first started here, all stopped
+        # by close). A pool reads one batch at a time: a caller takes a free one, or starts
+        # another while every pool is busy (the prefetch stage reads a look-ahead and a
+        # correction at once, from two threads).
         self.lib = kernels.library()
-        self.cpool = self.lib.pool_new(concurrency) if self.lib is not None else None
+        self.cpools: list[int] = []  # every pool started
+        self.free_pools: list[int] = []
+        self.pools_lock = threading.Lock()
+        if self.lib is not None:
+            self._give_pool(self._new_pool())
         # read size -> reads of that size, kept when set to a dict (bench turns it on: the
         # disk is then probed at each size the engine read)
         self.sizes: dict[int, int] | None = None
@@ -200,9 +208,10 @@ class FlashReader:
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:
             self.pool.shutdown(wait=True)
-            if self.cpool is not None:
-                self.lib.pool_free(self.cpool)
-                self.cpool = None
+            with self.pools_lock:
+                for cpool in self.cpools:
+                    self.lib.pool_free(cpool)
+                self.cpools, self.free_pools = [], []
             os.close(self.fd)
             self.fd = None
 
@@ -255,6 +264,24 @@ class FlashReader:
             raise self._failed(runs, got, error.value, 0)
         return got
 
+    def _new_pool(self) -> int:
+        cpool = self.lib.pool_new(self.concurrency)
+        if not cpool:
+            raise MemoryError("the compiled reader could not start its threads")
+        with self.pools_lock:
+            self.cpools.append(cpool)
+        return cpool
+
+    def _take_pool(self) -> int:
+        with self.pools_lock:
+            if self.free_pools:
+                return self.free_pools.pop()
+        return self._new_pool()
+
+    def _give_pool(self, cpool: int) -> None:
+        with self.pools_lock:
+            self.free_pools.append(cpool)
+
     def _read_pooled(self, runs: Runs, stats: ReadStats | None) -> int:
         """The compiled reader's threads over the whole batch, each record checked as it lands
         where the runs say how (the interpreter's lock released for the call)."""
@@ -266,21 +293,25 @@ class FlashReader:
         ]
         want = None if c is None else np.ascontiguousarray(c.want, dtype=np.uint64)
         first = None if c is None else np.ascontiguousarray(c.first, dtype=np.int64)
-        got = self.lib.pool_read(
-            self.cpool,
-            self.fd,
-            len(runs),
-            *(a.ctypes.data for a in arrays),
-            self.size,
-            int(not self.direct),
-            0 if c is None else c.stride,
-            0 if c is None else c.record_bytes,
-            None if want is None else want.ctypes.data,
-            None if first is None else first.ctypes.data,
-            ctypes.byref(error),
-            ctypes.byref(record),
-            ctypes.byref(check_ns),
-        )
+        cpool = self._take_pool()
+        try:
+            got = self.lib.pool_read(
+                cpool,
+                self.fd,
+                len(runs),
+                *(a.ctypes.data for a in arrays),
+                self.size,
+                int(not self.direct),
+                0 if c is None else c.stride,
+                0 if c is None else c.record_bytes,
+                None if want is None else want.ctypes.data,
+                None if first is None else first.ctypes.data,
+                ctypes.byref(error),
+                ctypes.byref(record),
+                ctypes.byref(check_ns),
+            )
+        finally:
+            self._give_pool(cpool)
         if stats is not None:
             stats.check_seconds += check_ns.value / 1e9
         if got < 0:
@@ -307,7 +338,7 @@ class FlashReader:
                 self.sizes[n] = self.sizes.get(n, 0) + 1
         if n_reads == 0:
             total = 0
-        elif lib is not None and self.cpool is not None:
+        elif lib is not None and self.cpools:
             assert isinstance(requests, Runs)
             total = self._read_pooled(requests, stats)
         else:

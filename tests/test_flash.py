@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -84,6 +85,36 @@ def test_runs_return_the_files_bytes(data_file, read_loop):
         assert stats.reads == 7
         for o, r, c in zip(offsets, rows, count, strict=True):
             assert np.array_equal(buf[r : r + c].numpy().ravel(), data[o : o + c * 512])
+
+
+def test_threads_reading_through_one_reader_at_once_each_get_their_bytes(data_file, read_loop):
+    """The prefetch stage reads a look-ahead and a correction at once: a compiled pool reads one
+    batch at a time, so a second caller must not share the first one's (it hung, or returned
+    before the pool's threads had read its runs)."""
+    path, data = data_file
+    rounds, n = 300, 48
+    with FlashReader(path, concurrency=4) as reader:
+
+        def reads(seed: int) -> int:
+            rng = np.random.default_rng(seed)
+            bad = 0
+            for _ in range(rounds):
+                buf = aligned_buffer(n * 512).view(n, 512)
+                sectors = rng.choice(len(data) // 512, n, replace=False)
+                runs = Runs(sectors * 512, np.full(n, 512), buf.data_ptr() + np.arange(n) * 512)
+                runs.buffers.append(buf)
+                assert reader.read(runs) == n * 512
+                got = buf.numpy()
+                bad += sum(
+                    not np.array_equal(got[i], data[s * 512 : (s + 1) * 512])
+                    for i, s in enumerate(sectors)
+                )
+            return bad
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(reads, range(3))) == [0, 0, 0]
+        if read_loop == "compiled":
+            assert len(reader.cpools) >= 2  # they did read at once, each on its own pool
 
 
 def test_reading_past_the_end_of_a_truncated_file_fails_clearly(data_file, read_loop):
