@@ -12,11 +12,9 @@ Everything is saved beside the converted model.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from streamer.errors import ConfigError
+from streamer.layerwise import LayerRun, MaskedFFN, nll, perplexity_of, shipped_text
 from streamer.layout import ConvertedModel, parse_dtype, record_selection
-from streamer.model import DenseFFN, FFNWeights, KVCache, Transformer, ffn_forward
+from streamer.model import DenseFFN, FFNWeights, Transformer
 from streamer.predictor import META_FILE as PREDICTOR_META
 from streamer.predictor import WEIGHTS_FILE as PREDICTOR_WEIGHTS
 from streamer.predictor import (
@@ -50,10 +49,6 @@ from streamer.sources import LayerWeights
 # The ranker's default sparsity, chosen by the default model's held-out perplexity (README,
 # "Gated models")
 RANKER_SPARSITY = 0.45
-
-
-def shipped_text(name: str) -> str:
-    return resources.files("streamer").joinpath("data", name).read_text()
 
 
 @dataclass
@@ -96,26 +91,6 @@ class CalibrationSettings:
             )
 
 
-class MaskedFFN:
-    """The dense FFN with a hook on its activations: record them, or zero the inactive ones."""
-
-    def __init__(
-        self,
-        dense: DenseFFN,
-        mask: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        record: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-    ) -> None:
-        self.dense, self.mask, self.record = dense, mask, record
-
-    def __call__(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        def hook(h: torch.Tensor) -> torch.Tensor:
-            if self.record is not None:
-                self.record(layer, x, h)
-            return h if self.mask is None else h * self.mask(layer, x, h)
-
-        return ffn_forward(x, self.dense.layers[layer], self.dense.act, hook)
-
-
 def run_tokens(
     model: Transformer,
     tokens: list[int],
@@ -148,25 +123,13 @@ def perplexity(
     total = [0.0, 0]
 
     def score(logits: torch.Tensor, seq: list[int]) -> None:
-        total[0] += _nll(logits, seq)
+        total[0] += nll(logits, seq)
         total[1] += len(seq) - 1
 
     run_tokens(model, tokens, chunk, score, progress=progress)
     if total[1] == 0:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
-    return _perplexity(total[0], total[1]), total[1]
-
-
-def _nll(logits: torch.Tensor, seq: list[int]) -> float:
-    """The negative log-likelihood of seq[1:] under logits [T, vocab] of seq."""
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-    return -logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
-
-
-def _perplexity(nll: float, count: int) -> float:
-    mean = nll / count
-    # A random model (the benchmark's synthetic ones) can be sure and wrong: exp overflows.
-    return math.exp(mean) if mean < 700 else math.inf
+    return perplexity_of(total[0], total[1]), total[1]
 
 
 def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
@@ -180,34 +143,6 @@ def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:
 def _chunks(tokens: list[int], chunk: int) -> list[list[int]]:
     seqs = [tokens[i : i + chunk] for i in range(0, len(tokens), chunk)]
     return [s for s in seqs if len(s) >= 2]
-
-
-class LayerRun:
-    """Sequences taken through the model one layer at a time, all of them per layer, so that
-    one layer's weights are in DRAM at a time (a 7B model calibrates in a few GB)."""
-
-    def __init__(self, model: Transformer, seqs: list[list[int]]) -> None:
-        self.model, self.seqs = model, seqs
-        cfg = model.cfg
-        self.caches = [KVCache.one_layer(cfg, len(s), model.dtype) for s in seqs]
-        self.pos = [torch.arange(len(s)) for s in seqs]
-        with torch.no_grad():
-            self.x = [model.embed(torch.tensor(s), p) for s, p in zip(seqs, self.pos, strict=True)]
-
-    @torch.no_grad()
-    def layer(self, i: int, ffn: MaskedFFN) -> None:
-        self.model.ffn = ffn
-        for j, (cache, pos) in enumerate(zip(self.caches, self.pos, strict=True)):
-            self.x[j] = self.model.block(self.x[j], i, cache, pos)
-
-    @torch.no_grad()
-    def perplexity(self) -> tuple[float, int]:
-        """exp(mean negative log-likelihood) of each token given the ones before it."""
-        nll, count = 0.0, 0
-        for x, seq in zip(self.x, self.seqs, strict=True):
-            nll += _nll(self.model.head(x), seq)
-            count += len(seq) - 1
-        return _perplexity(nll, count), count
 
 
 def _recorded(run: LayerRun, i: int, dense: DenseFFN, mask=None):

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from streamer.errors import ModelFormatError
+from streamer.errors import ConfigError, ModelFormatError
+from streamer.gptq import DAMP, GPTQ_SETTINGS, GPTQ_TEXTS, LayerByLayer, wants_gptq
+from streamer.layerwise import shipped_text
 from streamer.layout import (
     FFN_FILE,
     FORMAT,
@@ -69,13 +71,34 @@ def convert(
     progress: bool = True,
     quant: str | None = None,
     quant_down: str | None = None,
+    gptq: str = "auto",
 ) -> ConvertResult:
     """dtype: the resident part's (and the bundles', unless `quant` names their kind:
-    `streamer.blocks.KINDS`; `quant_down` the down part's, where it differs). A bad kind, or
-    a model its blocks do not fit, is a ConfigError before anything is written."""
+    `streamer.blocks.KINDS`; `quant_down` the down part's, where it differs). gptq: "auto"
+    (the default) quantizes the 4-bit parts that are not the source's own blocks by GPTQ on the
+    shipped calibration text (`streamer.gptq`), "off" rounds them to nearest. A bad kind or
+    setting, or a model its blocks do not fit, is a ConfigError before anything is written."""
     out = Path(out).expanduser()
     torch_dtype = parse_dtype(dtype)
+    if gptq not in GPTQ_SETTINGS:
+        raise ConfigError(f"gptq must be one of {', '.join(GPTQ_SETTINGS)}, got {gptq!r}", "gptq")
     layout = BundleLayout.for_config(source.config, torch_dtype, quant, quant_down)
+    own_blocks = getattr(source, "ffn_blocks", None)  # a GGUF file's blocks, kept where they fit
+    kept = set(own_blocks(0, layout.kind)) if own_blocks else set()
+    use_gptq = gptq != "off" and wants_gptq(layout, kept)
+    if use_gptq and source.tokenizer() is None:
+        if gptq == "on":
+            raise ConfigError(
+                f"{source.description} has no tokenizer, which GPTQ needs for its calibration "
+                "text: give --gptq off (or auto)",
+                "gptq",
+            )
+        log.warning(
+            "%s has no tokenizer for GPTQ's calibration text: its 4-bit parts are rounded to "
+            "nearest",
+            source.description,
+        )
+        use_gptq = False
     fingerprint = source_fingerprint(source)
     if out.exists():
         if not out.is_dir():
@@ -93,6 +116,7 @@ def convert(
                 and old.get("dtype") == dtype
                 and old.get("bundle", {}).get("quant") == layout.kind.name
                 and old.get("bundle", {}).get("quant_down") == layout.down_kind.name
+                and bool(old.get("gptq")) == use_gptq
             )
             if same and not force:
                 return ConvertResult(out, False, 0, layout.quant_name)
@@ -111,7 +135,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        written = _write(source, tmp, torch_dtype, layout, fingerprint, progress)
+        written = _write(source, tmp, torch_dtype, layout, fingerprint, progress, use_gptq)
         if out.exists():
             # Only ever an empty directory or one of our converted models (checked above).
             shutil.rmtree(out)
@@ -128,10 +152,16 @@ def _write(
     layout: BundleLayout,
     fingerprint: str,
     progress: bool,
+    use_gptq: bool = False,
 ) -> int:
     cfg = source.config
     own_blocks = getattr(source, "ffn_blocks", None)  # a GGUF file's blocks, kept where they fit
     names = source.resident_names()
+    by_layer = None
+    if use_gptq:
+        text = "\n\n".join(shipped_text(name) for name in GPTQ_TEXTS)
+        tokens = source.tokenizer().build().encode(text)  # type: ignore[union-attr]
+        by_layer = LayerByLayer(source, layout, tokens)
     with tqdm(
         total=len(names) + cfg.n_layers, desc="convert", unit="part", disable=not progress
     ) as bar:
@@ -147,7 +177,10 @@ def _write(
         with (tmp / FFN_FILE).open("wb") as f:
             for i in range(cfg.n_layers):
                 raw = own_blocks(i, layout.kind) if own_blocks else None
-                records = layout.pack(source.ffn(i), raw).numpy()
+                w = source.ffn(i)
+                if by_layer is not None:
+                    raw = by_layer.layer(i, w, raw or {})
+                records = layout.pack(w, raw).numpy()
                 assert f.tell() == layout.layer_offsets[i]
                 f.write(memoryview(records))
                 sums.append(BundleSums.of_layer(layout, records))
@@ -180,6 +213,10 @@ def _write(
         },
         "sums": {"file": SUMS_FILE, "hash": "xxh3_64", "sha256": sha256_file(tmp / SUMS_FILE)},
         "tokenizer": spec is not None,
+        # the 4-bit parts quantized by GPTQ on the shipped calibration text (streamer.gptq)
+        "gptq": {"texts": list(GPTQ_TEXTS), "tokens": by_layer.tokens, "damp": DAMP}
+        if by_layer is not None
+        else None,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return layout.file_bytes + manifest["resident"]["bytes"]

@@ -43,6 +43,15 @@ def register(sub) -> None:
         help="the down vectors' kind, where it should differ from --quant (e.g. --quant q4_1 "
         "--quant-down q8_0: a 4-bit GGUF file's gate and up blocks kept, down in 8 bits)",
     )
+    p.add_argument(
+        "--gptq",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto (default): the 4-bit parts that are not the source's own blocks are quantized "
+        "by GPTQ on the shipped calibration text, layer by layer, where the source has a "
+        "tokenizer (else rounded to nearest, with a warning); on: GPTQ or an error; off: "
+        "rounded to nearest (much faster on big models)",
+    )
     p.add_argument("--force", action="store_true", help="replace a model OUT already holds")
     p.set_defaults(handler=cmd_convert)
 
@@ -181,6 +190,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         force=args.force,
         quant=args.quant,
         quant_down=args.quant_down,
+        gptq=args.gptq,
     )
     what = f"{args.dtype}, FFN {result.quant}"
     if result.converted:
