@@ -25,7 +25,7 @@ NEVER = np.iinfo(np.int64).min // 2
 # The `all` mode (both runtimes) reads the runs of at most this many unneeded neurons between two
 # it must read: one read instead of two, where a read costs more than a few bundles' bytes
 # (README, "Decisions").
-READ_GAP = 1
+READ_GAP = 0  # the paper's bundling alone; 1 or 2 trade bytes for reads (README, "Decisions")
 MAX_READ_GAP = 64
 
 

@@ -67,14 +67,17 @@ def calibrated(hf_model, tmp_path_factory):
     return get
 
 
-def engine_tokens(directory, prompt, n, capacity=None, window=4):
+def engine_tokens(directory, prompt, n, capacity=None, window=4, read_gap=0):
     """Greedy tokens of the single-process engine (mode all) with `capacity` rows per layer."""
     budget = None
     if capacity is not None:
         with load_engine(directory, mode="all", max_len=2048) as e:
             e.plan.cache_rows = capacity
             budget = e.plan.total  # exactly what `capacity` rows a layer need
-    with load_engine(directory, "all", window, budget, max_len=2048) as e:
+    # the resident part as stored, as the pipeline holds it (the budget was planned for it)
+    with load_engine(
+        directory, "all", window, budget, max_len=2048, read_gap=read_gap, quant_resident="none"
+    ) as e:
         if capacity is not None:
             assert e.plan.cache_rows == capacity
         params = SamplingParams(max_tokens=n, temperature=0, stop_ids=())
@@ -88,34 +91,37 @@ def left_behind(tmp_path) -> list[str]:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("family", "processes", "serial", "budget", "weights"),
+    ("family", "processes", "serial", "budget", "weights", "gap"),
     [
-        ("llama", True, False, None, "shared"),
-        ("llama", False, False, None, "shared"),
-        ("llama", True, True, None, "shared"),
-        ("opt", False, False, None, "shared"),
-        ("opt", True, False, "tight", "shared"),
-        ("opt", False, True, "tight", "shared"),
+        ("llama", True, False, None, "shared", 0),
+        ("llama", False, False, None, "shared", 0),
+        ("llama", True, True, None, "shared", 0),
+        ("opt", False, False, None, "shared", 0),
+        # read gaps: neurons read between two needed ones travel as `extra`, kept, not computed
+        ("opt", True, False, "tight", "shared", 2),
+        ("opt", False, True, "tight", "shared", 0),
         # stages that share no memory (as on several hosts): rows and row moves as frames
-        ("opt", True, False, "tight", "frames"),
-        ("llama", True, False, None, "frames"),
+        ("opt", True, False, "tight", "frames", 0),
+        ("llama", True, False, None, "frames", 2),
         # quantized bundles: rows travel between stages, and sit in the windows, as blocks
-        ("opt:q4_0", True, False, "tight", "frames"),
+        ("opt:q4_0", True, False, "tight", "frames", 2),
     ],
 )
 async def test_pipeline_tokens_equal_the_single_process_engine(
-    calibrated, tmp_path, family, processes, serial, budget, weights
+    calibrated, tmp_path, family, processes, serial, budget, weights, gap
 ):
     directory = calibrated(family)
     # stages as tasks share this event loop: a loaded machine may delay their heartbeats
     slack = {} if processes else {"dead_after_s": 10.0}
-    cfg = pipeline_config(tmp_path, directory, serial=serial, weights=weights, **slack)
+    cfg = pipeline_config(
+        tmp_path, directory, serial=serial, weights=weights, read_gap=gap, **slack
+    )
     if budget == "tight":  # windows of 24 rows: evictions and overflow every token
         memory = plan_pipeline(cfg).memory
         memory.cache_rows = 24
         cfg.dram_budget = str(memory.total)  # exactly what 24 rows a layer need
         assert plan_pipeline(cfg).shared.capacity == 24
-    want = engine_tokens(directory, PROMPT, 24, 24 if budget else None)
+    want = engine_tokens(directory, PROMPT, 24, 24 if budget else None, read_gap=gap)
     async with (
         serve_pipeline(cfg, processes=processes) as p,
         Client(p.endpoint, timeout=60) as client,

@@ -83,7 +83,7 @@ class BenchSettings:
     lookahead_p: float = 0.0  # the pipeline rows' look-ahead cut (PipelineConfig)
     # the engine rows' resident part (load_engine's quant_resident: auto, as the engine's default)
     quant_resident: str = "auto"
-    read_gap: int = READ_GAP  # the engine rows' (load_engine)
+    read_gap: int = READ_GAP  # the engine and pipeline rows'
     dtype: str | None = None  # the engine rows' compute dtype (None: each mode's default)
     # other conversions of the same model (`convert --quant KIND`): an `all` row each, named
     # all-KIND, at the same DRAM budget in bytes as the model's own rows
@@ -250,6 +250,7 @@ async def _pipeline_row(directory: Path, serial: bool, ids, settings, run_dir: P
         compute_cpus=settings.compute_cpus,
         io_cpus=settings.io_cpus,
         lookahead_p=settings.lookahead_p,
+        read_gap=settings.read_gap,
         context=len(ids) + 1,
     )
     async with Pipeline.launch(config) as p:

@@ -115,7 +115,7 @@ def register(sub) -> None:
         "--read-gap",
         type=int,
         metavar="N",
-        help=f"engine rows: the all mode's read gap (see generate --help; default {READ_GAP})",
+        help=f"the all and pipeline rows' read gap (see generate --help; default {READ_GAP})",
     )
     p.add_argument(
         "--quant-resident",
