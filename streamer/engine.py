@@ -388,8 +388,8 @@ def load_engine(
     """A converted model ready to decode in `mode` within `dram_budget` (`progress`: a bar on
     stderr while the weights load). `quant_resident`: "q4" ("q8") keeps the resident part's
     matrices in 4 (8) bits (`streamer.quant`); "none" (or None) keeps them as stored; "auto"
-    keeps them in 4 bits only when a flash mode's budget is too small for them as stored (and
-    says so)."""
+    keeps them in 4 bits where a flash mode's budget is too small for them as stored, or leaves
+    its windows less than the whole FFN that way (and says so)."""
     quant_resident = quant_resident or "none"
     if quant_resident not in RESIDENT_CHOICES:
         raise ConfigError(
@@ -470,7 +470,7 @@ def load_engine(
             if dtype is None and quant_resident in ("auto", "none"):
                 compute = _compute_dtype(model, memory_plan)
             if quant_resident == "auto":
-                quant_resident = _resident_kind_for(model, compute, memory_plan)
+                quant_resident = _resident_kind_for(model, compute, memory_plan, mode)
             quantized = (
                 partial(quantize_resident_tensor, kind=quant_resident)
                 if quant_resident in RESIDENT_KINDS
@@ -525,12 +525,15 @@ def _compute_dtype(model: ConvertedModel, memory_plan: Planner) -> torch.dtype:
     return torch.float32 if wide.cache_rows == narrow.cache_rows else stored
 
 
-def _resident_kind_for(model: ConvertedModel, compute: torch.dtype, memory_plan: Planner) -> str:
-    """ "q4" when the resident part as stored does not fit the memory plan; else "none"."""
+def _resident_kind_for(
+    model: ConvertedModel, compute: torch.dtype, memory_plan: Planner, mode: str
+) -> str:
+    """ "none" where the resident part as stored fits the memory plan and (a mode with windows)
+    leaves them the whole FFN; else "q4", whose smaller resident part gives the windows more
+    rows: so a bigger budget never holds fewer neurons (README, "Decisions")."""
     stored = _resident_bytes(model, compute)
     try:
-        memory_plan(stored, compute)
-        return "none"
+        plan = memory_plan(stored, compute)
     except ConfigError:
         log.info(
             "the resident part as stored (%.1f MiB) leaves no room in the DRAM budget: keeping "
@@ -538,6 +541,17 @@ def _resident_kind_for(model: ConvertedModel, compute: torch.dtype, memory_plan:
             stored / 2**20,
         )
         return "q4"
+    n = model.config.d_ffn
+    if mode not in SPARSE_MODES or plan.cache_rows >= n:
+        return "none"
+    log.info(
+        "the resident part as stored (%.1f MiB) leaves the windows %d of %d neurons a layer: "
+        "keeping its matrices in 4 bits so that they hold more (--quant-resident none keeps it)",
+        stored / 2**20,
+        plan.cache_rows,
+        n,
+    )
+    return "q4"
 
 
 def naive_biases(model: ConvertedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:

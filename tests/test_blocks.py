@@ -136,7 +136,14 @@ def test_oracle_equals_dense_on_a_quantized_relu_model(quant, relu):
     tight = budget_for_rows(directory, "oracle", 16)
     with (
         load_engine(directory, mode="dense", max_len=64) as dense,
-        load_engine(directory, mode="oracle", window=2, dram_budget=tight, max_len=64) as oracle,
+        load_engine(
+            directory,
+            mode="oracle",
+            window=2,
+            dram_budget=tight,
+            max_len=64,
+            quant_resident="none",  # as stored: the budget was planned for it
+        ) as oracle,
     ):
         assert oracle.plan.cache_rows == 16  # windows of quantized rows, evicting
         tokens, ref = greedy_with_logits(dense, PROMPT, 12)
@@ -164,7 +171,7 @@ def test_the_gated_path_on_quantized_bundles(hf_model, tmp_path):
     with load_engine(out, mode="all", max_len=64) as e:
         free = greedy_with_logits(e, PROMPT, 16)[0]
     budget = budget_for_rows(out, "all", 12)
-    with load_engine(out, mode="all", dram_budget=budget, max_len=64) as e:
+    with load_engine(out, mode="all", dram_budget=budget, max_len=64, quant_resident="none") as e:
         assert e.plan.cache_rows == 12 and e.plan.row_bytes == ConvertedModel(out).layout.stride
         tight = greedy_with_logits(e, PROMPT, 16)[0]
         steps = e.telemetry.steps

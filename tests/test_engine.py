@@ -55,7 +55,14 @@ def test_oracle_equals_dense_for_relu_models(family, rows, converted):
     budget = None if rows is None else rows_budget(directory, rows)
     with (
         load_engine(directory, mode="dense", max_len=64) as dense,
-        load_engine(directory, mode="oracle", window=2, dram_budget=budget, max_len=64) as oracle,
+        load_engine(
+            directory,
+            mode="oracle",
+            window=2,
+            dram_budget=budget,
+            max_len=64,
+            quant_resident="none",  # as stored: the budget was planned for it
+        ) as oracle,
     ):
         tokens, ref = greedy_with_logits(dense, PROMPT, 16)
         tokens2, ours = greedy_with_logits(oracle, PROMPT, 16)
@@ -113,7 +120,10 @@ def test_read_gaps_make_fewer_reads_of_more_bytes(sparse_opt):
         p = e.plan
         rows = e.cfg.d_ffn // 4
         budget = p.total - (e.cfg.d_ffn - rows) * p.n_layers * (p.row_bytes + p.book_bytes)
-    runs = {g: per_token(sparse_opt, "all", read_gap=g, dram_budget=budget) for g in (0, 2, 8)}
+    runs = {
+        g: per_token(sparse_opt, "all", read_gap=g, dram_budget=budget, quant_resident="none")
+        for g in (0, 2, 8)
+    }
     assert runs[0]["reads"] > runs[2]["reads"] > runs[8]["reads"] > 0
     size = {g: r["bytes_read"] / r["reads"] for g, r in runs.items()}
     assert size[0] < size[2] < size[8]

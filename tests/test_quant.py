@@ -81,7 +81,8 @@ def test_an_unknown_resident_kind_is_one_clear_error(hf_model, tmp_path):
 def test_auto_quantizes_the_resident_part_only_when_the_budget_needs_it(hf_model, tmp_path, caplog):
     """A budget too small for the resident part as stored but big enough in 4 bits: `auto`
     (the default) loads it in 4 bits and says so, as `q4` would; `none` refuses; with no budget
-    `auto` keeps it as stored."""
+    `auto` keeps it as stored; with a budget it fits but that then leaves the windows short of
+    the FFN, `auto` quantizes it too."""
     caplog.set_level(logging.INFO, logger="streamer.engine")
     out = tmp_path / "m"
     convert(HFSource(hf_model("llama")), out, dtype="float32", progress=False)
@@ -101,3 +102,16 @@ def test_auto_quantizes_the_resident_part_only_when_the_budget_needs_it(hf_model
         assert greedy_with_logits(q, PROMPT, 6)[0] == got
     with pytest.raises(ConfigError, match="too small"):
         load_engine(out, mode="all", max_len=64, dram_budget=budget, quant_resident="none")
+    # a budget that holds the resident part as stored, but then only 8 rows a layer: auto
+    # quantizes it, so that a bigger budget than the last one never holds fewer neurons
+    with load_engine(out, mode="all", max_len=64, quant_resident="none") as stored:
+        p = stored.plan
+        fixed = p.resident + p.predictors + p.kv_cache + p.extra + p.scratch_rows * p.row_bytes
+        roomy = fixed + p.n_layers * 8 * p.row_bytes
+    assert roomy > budget
+    with load_engine(out, mode="all", max_len=64, dram_budget=roomy, quant_resident="none") as n:
+        assert n.plan.cache_rows == 8
+    with load_engine(out, mode="all", max_len=64, dram_budget=roomy) as auto:
+        assert sum(not isinstance(t, torch.Tensor) for t in auto.model.w.values()) >= 9
+        assert auto.plan.cache_rows > 8
+    assert "so that they hold more" in caplog.text

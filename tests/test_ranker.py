@@ -108,7 +108,9 @@ def test_reads_are_what_the_selection_named_before_the_read(llama, read_gap):
     directory, _ = llama(0.5)
     events: list[tuple] = []
     budget = budget_of(directory, 20)
-    with load_engine(directory, "all", dram_budget=budget, max_len=64, read_gap=read_gap) as e:
+    with load_engine(
+        directory, "all", dram_budget=budget, max_len=64, read_gap=read_gap, quant_resident="none"
+    ) as e:
         assert e.plan.cache_rows == 20
         ffn, lay = e.flash_ffn, ConvertedModel(directory).layout
         predict, read = ffn.predictors.predict, ffn.reader.read
@@ -156,7 +158,8 @@ def test_budgets_that_force_eviction_keep_the_tokens(llama):
     directory, _ = llama(0.5)
     with load_engine(directory, mode="all", max_len=64) as e:
         free = greedy_with_logits(e, PROMPT, 16)[0]
-    with load_engine(directory, mode="all", dram_budget=budget_of(directory, 20), max_len=64) as e:
+    budget = budget_of(directory, 20)
+    with load_engine(directory, "all", dram_budget=budget, max_len=64, quant_resident="none") as e:
         assert e.plan.cache_rows == 20
         tight = greedy_with_logits(e, PROMPT, 16)[0]
         steps = e.telemetry.steps
