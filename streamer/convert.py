@@ -76,7 +76,8 @@ def convert(
     """dtype: the resident part's (and the bundles', unless `quant` names their kind:
     `streamer.blocks.KINDS`; `quant_down` the down part's, where it differs). gptq: "auto"
     (the default) quantizes the 4-bit parts that are not the source's own blocks by GPTQ on the
-    shipped calibration text (`streamer.gptq`), "off" rounds them to nearest. A bad kind or
+    shipped calibration text (`streamer.gptq`) where the source has a tokenizer (else, with a
+    warning, to nearest); "on" insists on GPTQ; "off" rounds them to nearest. A bad kind or
     setting, or a model its blocks do not fit, is a ConfigError before anything is written."""
     out = Path(out).expanduser()
     torch_dtype = parse_dtype(dtype)
@@ -84,8 +85,11 @@ def convert(
         raise ConfigError(f"gptq must be one of {', '.join(GPTQ_SETTINGS)}, got {gptq!r}", "gptq")
     layout = BundleLayout.for_config(source.config, torch_dtype, quant, quant_down)
     own_blocks = getattr(source, "ffn_blocks", None)  # a GGUF file's blocks, kept where they fit
-    kept = set(own_blocks(0, layout.kind)) if own_blocks else set()
-    use_gptq = gptq != "off" and wants_gptq(layout, kept)
+    # the parts every layer keeps as the file's own blocks (a file may store layers in mixed kinds)
+    kept = set(layout.parts)
+    for i in range(source.config.n_layers if own_blocks else 0):
+        kept &= set(own_blocks(i, layout.kind))  # type: ignore[misc]
+    use_gptq = gptq != "off" and wants_gptq(layout, kept if own_blocks else set())
     if use_gptq and source.tokenizer() is None:
         if gptq == "on":
             raise ConfigError(
