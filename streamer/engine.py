@@ -49,6 +49,7 @@ from streamer.memory import (
     nbytes,
     parse_budget,
     plan_memory,
+    release_freed_memory,
     rss_bytes,
 )
 from streamer.model import ACTIVATION_FNS, KVCache, Transformer
@@ -477,6 +478,8 @@ def load_engine(
                 else None
             )
             resident = load_resident(model, compute, transform=quantized, progress=progress)
+            if quantized is not None:
+                release_freed_memory()  # quantizing left freed float copies in the heap
             resident_bytes = sum(nbytes(t) for t in resident.values())
         plan = memory_plan(resident_bytes, compute)
         rows = plan.cache_rows

@@ -9,6 +9,8 @@ exact: `plan.total <= budget` whenever it is made.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import re
 from dataclasses import dataclass
@@ -37,6 +39,13 @@ _UNITS = {
     "g": 2**30,
     "t": 2**40,
 }  # bare letters: binary, as fio reads them
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim; elsewhere nothing):
+    converting tensors one after another leaves freed copies that RSS keeps counting."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_bytes(peak: bool = False) -> int:
