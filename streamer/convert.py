@@ -183,8 +183,9 @@ def _write(
                 raw = own_blocks(i, layout.kind) if own_blocks else None
                 w = source.ffn(i)
                 if by_layer is not None:
-                    raw = by_layer.layer(i, w, raw or {})
-                records = layout.pack(w, raw).numpy()
+                    records = by_layer.layer(i, w, raw or {}).numpy()
+                else:
+                    records = layout.pack(w, raw).numpy()
                 assert f.tell() == layout.layer_offsets[i]
                 f.write(memoryview(records))
                 sums.append(BundleSums.of_layer(layout, records))

@@ -24,7 +24,7 @@ import torch
 from streamer.blocks import BLOCK, Kind
 from streamer.layerwise import LayerRun, MaskedFFN
 from streamer.layout import BundleLayout
-from streamer.model import ACTIVATION_FNS, DenseFFN, FFNWeights, Transformer
+from streamer.model import ACTIVATION_FNS, DenseFFN, FFNWeights, Transformer, ffn_forward
 from streamer.sources import LayerWeights, Source
 
 DAMP = 0.1  # of H's mean diagonal, added to it (a few thousand calibration tokens: GPTQ's 0.01
@@ -218,15 +218,15 @@ class LayerByLayer:
         return torch.cat(xs)
 
     def _hidden(self, x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
-        up = torch.nn.functional.linear(x, w.up.float(), w.up_bias)
-        if w.gate is None:
-            return self.act(up)
-        return self.act(torch.nn.functional.linear(x, w.gate.float(), w.gate_bias)) * up
+        """The neurons' outputs h [N, n] of the FFN w on inputs x, as the model computes them."""
+        seen: list[torch.Tensor] = []
+        ffn_forward(x, w, self.act, lambda h: seen.append(h) or h)
+        return seen[0]
 
     @torch.no_grad()
-    def layer(self, i: int, w: FFNWeights, kept: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Layer i's parts as bundle bytes: those in `kept` as given, the 4-bit ones by GPTQ
-        (the rest are left to the layout: float kinds and 8 bits round to nearest)."""
+    def layer(self, i: int, w: FFNWeights, kept: dict[str, np.ndarray]) -> torch.Tensor:
+        """Layer i's bundle records: the parts in `kept` as given, the 4-bit ones by GPTQ (the
+        rest as the layout quantizes them: float kinds and 8 bits round to nearest)."""
         lay, raw = self.layout, dict(kept)
         kinds = dict(zip(lay.parts, lay.part_kinds, strict=True))
         w = w.to(torch.float32)
@@ -239,9 +239,10 @@ class LayerByLayer:
         if kinds["down"].name in KINDS and "down" not in raw:
             h = self._hidden(x, layer_weights(lay, lay.pack(w, raw), w))
             raw["down"] = quantize_columns(w.down, h.T @ h, kinds["down"])
+        records = lay.pack(w, raw)
         self.run.x = before  # the layer again, quantized: what the next layer's inputs are
-        self._through(self.run, i, layer_weights(lay, lay.pack(w, raw), w))
-        return raw
+        self._through(self.run, i, layer_weights(lay, records, w))
+        return records
 
 
 def layer_weights(layout: BundleLayout, records: torch.Tensor, w: FFNWeights) -> FFNWeights:
