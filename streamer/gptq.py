@@ -43,7 +43,8 @@ CHUNK = 256  # calibration tokens per sequence
 
 def _levels(v: torch.Tensor, kind: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """v [..., 32] -> each block's scale and offset [..., 1] (float16 values, as stored), chosen
-    from GRID by the least `weight`ed squared error of the block's rounding."""
+    from GRID by the least `weight`ed squared error of the block's rounding (every grid point at
+    once, on a new axis before the block's)."""
     if kind == "q4_0":  # value = d * (q - 8), q in 0..15: the largest magnitude maps to -8
         top = v.gather(-1, v.abs().argmax(-1, keepdim=True))
         base, low = top / -8, torch.zeros_like(top)
@@ -51,21 +52,15 @@ def _levels(v: torch.Tensor, kind: str, weight: torch.Tensor) -> tuple[torch.Ten
         low = v.amin(-1, keepdim=True)
         base = (v.amax(-1, keepdim=True) - low) / 15
         low = low.half().float()
-    best_d, best_low, best_err = None, None, None
-    for g in GRID:
-        d = (base * g).half().float()
-        d = torch.where(d == 0, torch.ones_like(d), d)
-        # the scale (and q4_1's offset) that fit these codes best, by weighted least squares
-        d, m = _refit(v, _codes(v, d, low, kind), weight, d, low, kind)
-        err = (weight * (v - _round(v, d, m, kind)) ** 2).sum(-1, keepdim=True)
-        if best_err is None:
-            best_d, best_low, best_err = d, m, err
-        else:
-            better = err < best_err
-            best_d = torch.where(better, d, best_d)
-            best_low = torch.where(better, m, best_low)
-            best_err = torch.where(better, err, best_err)
-    return best_d, best_low
+    grid = torch.tensor(GRID).view(-1, *([1] * v.dim()))  # [G, 1, ..., 1]
+    d = (base * grid).half().float()  # [G, ..., 1]
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    low = low.expand_as(d)
+    # the scale (and q4_1's offset) that fit these codes best, by weighted least squares
+    d, m = _refit(v, _codes(v, d, low, kind), weight, d, low, kind)
+    err = (weight * (v - _round(v, d, m, kind)) ** 2).sum(-1, keepdim=True)
+    best = err.argmin(0, keepdim=True)  # the first of equals, as the grid's order has them
+    return d.gather(0, best)[0], m.gather(0, best)[0]
 
 
 def _refit(v, q, weight, d, low, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +107,8 @@ def pack(codes: torch.Tensor, d: torch.Tensor, low: torch.Tensor, kind: Kind) ->
 
 def _inverse(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The damped H's inverse as GPTQ uses it (its upper Cholesky factor), and the columns that
-    never saw an input (zeroed)."""
+    never saw an input (zeroed). In double: float32 (GPTQ's own code's), twice as fast, gave the
+    default model's q4_0 0.5% more perplexity on its own calibration text."""
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
