@@ -203,8 +203,11 @@ def test_rss_stays_within_the_budget(tmp_path):
     # matrix shape (the engine rounds row counts up so that it does not grow).
     out = convert(HFSource(src), tmp_path / "m", progress=False).directory
     calibrate(out, CalibrationSettings(ranks="16", epochs=2, max_tokens=256), progress=False)
-    # The same model with 4-bit bundles, windows and overflow (its predictors are the same).
-    q4 = convert(ConvertedModel(out), tmp_path / "q4", quant="q4_0", progress=False).directory
+    # The same model with 4-bit bundles, windows and overflow (its predictors are the same);
+    # rounded to nearest: GPTQ on its 8192 neurons took 2 of the test's 3 minutes (test_gptq
+    # covers it)
+    q4 = ConvertedModel(out)
+    q4 = convert(q4, tmp_path / "q4", quant="q4_0", gptq="off", progress=False).directory
     for name in (META_FILE, WEIGHTS_FILE):
         shutil.copy(out / name, q4 / name)
     args = "--max-tokens 48 --temperature 0 --ignore-eos --mode all --dram-budget 50% --json"
