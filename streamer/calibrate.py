@@ -117,19 +117,46 @@ def run_tokens(
 
 
 def perplexity(
-    model: Transformer, tokens: list[int], chunk: int = 512, progress: bool = False
+    model: Transformer,
+    tokens: list[int],
+    chunk: int = 512,
+    progress: bool = False,
+    per_token: list[torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """exp(mean negative log-likelihood) of each token given the ones before it in its chunk."""
+    """exp(mean negative log-likelihood) of each token given the ones before it in its chunk;
+    `per_token`, a list, gets each chunk's tokens' negative log-likelihoods (float32)."""
     total = [0.0, 0]
 
     def score(logits: torch.Tensor, seq: list[int]) -> None:
         total[0] += nll(logits, seq)
         total[1] += len(seq) - 1
+        if per_token is not None:
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            per_token.append(-logp.gather(1, torch.tensor(seq[1:])[:, None])[:, 0])
 
     run_tokens(model, tokens, chunk, score, progress=progress)
     if total[1] == 0:
         raise ConfigError("the text is too short: it needs at least 2 tokens")
     return perplexity_of(total[0], total[1]), total[1]
+
+
+RESAMPLES = 10_000  # the paired bootstrap's
+
+
+def paired_ratio(nlls: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """The perplexity ratio of two models scored on the same tokens (their per-token negative
+    log-likelihoods), with its 95% interval from a paired bootstrap over the tokens: how much a
+    text of this length can tell the two apart."""
+    diff = np.asarray(nlls, np.float64) - np.asarray(ref, np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [
+            diff[rng.integers(0, len(diff), (n, len(diff)))].mean(1)
+            for n in np.diff(np.r_[0:RESAMPLES:1000, RESAMPLES])
+        ]
+    )
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(np.exp(diff.mean())), float(np.exp(lo)), float(np.exp(hi))
 
 
 def _tokens(source: ConvertedModel, texts: list[str], limit: int) -> list[int]:

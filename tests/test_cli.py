@@ -222,6 +222,29 @@ def test_eval_prints_perplexity_per_mode(calibrated_opt, tmp_path):
     assert ppl["all"] > 1
 
 
+def test_eval_against_a_reference_gives_the_ratio_and_its_interval(calibrated_opt, tmp_path):
+    from tests.models import train_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    args = ["eval", str(calibrated_opt), "--text", str(text), "--json"]
+    same = json.loads(streamer(*args, "--mode", "dense", "--against", str(calibrated_opt)).stdout)
+    assert same["against"]["perplexity"] == same["perplexity"]
+    assert same["against"]["ratio"] == 1 and same["against"]["ratio_95"] == [1, 1]
+    # the sparse mode against the same model's dense: the ratio of the two perplexities
+    out = json.loads(streamer(*args, "--mode", "all", "--against", str(calibrated_opt)).stdout)
+    ratio, (lo, hi) = out["against"]["ratio"], out["against"]["ratio_95"]
+    assert ratio == pytest.approx(out["perplexity"] / out["against"]["perplexity"], rel=1e-3)
+    assert ratio != 1 and lo < ratio < hi
+    # a reference that tokenizes the text otherwise: one clear error, before anything loads
+    other = tmp_path / "other"
+    shutil.copytree(calibrated_opt, other)
+    train_tokenizer(vocab_size=280).save(str(other / "tokenizer.json"))
+    proc = streamer(*args, "--against", str(other), check=False)
+    assert proc.returncode == 2 and "tokenizes the text differently" in proc.stderr
+    assert "load:" not in proc.stderr
+
+
 def test_flash_modes_need_a_converted_model(hf_model):
     proc = streamer(
         "generate", str(hf_model("opt")), "--prompt", "hi", "--mode", "all", check=False

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import torch
 
 from protocol.messages import Done
-from streamer.calibrate import perplexity
+from streamer.calibrate import paired_ratio, perplexity
 from streamer.cli.common import (
     DEFAULT_WINDOW,
     MODEL_HELP,
@@ -118,6 +119,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--max-tokens", type=int, default=4096, help="most tokens scored (default: %(default)s)"
+    )
+    p.add_argument(
+        "--against",
+        metavar="REF",
+        help="also score the text with REF (a model with the same tokenizer) in dense mode and "
+        "report the perplexity ratio to it, with a 95%% interval (a paired bootstrap over the "
+        "tokens)",
     )
     p.add_argument(
         "--json", action="store_true", help="print {perplexity, tokens, mode, ...} as JSON"
@@ -285,14 +293,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"context must be at least 2, got {args.context}", "context")
     set_threads(args.threads)
     source = open_source(args.model)
-    tokenizer = load_tokenizer(source, args.model)
-    tokens = tokenizer.encode(args.text.read_text())[: args.max_tokens]
+    text = args.text.read_text()
+    tokens = load_tokenizer(source, args.model).encode(text)[: args.max_tokens]
+    ref_source = None
+    if args.against is not None:  # checked before either model is loaded
+        ref_source = open_source(args.against)
+        if load_tokenizer(ref_source, args.against).encode(text)[: args.max_tokens] != tokens:
+            raise ConfigError(
+                f"{args.against} tokenizes the text differently from {args.model}: a ratio "
+                "needs the same tokens",
+                "against",
+            )
     engine = open_engine(args, source, args.context)
     if engine.flash_ffn is not None and hasattr(engine.flash_ffn, "dense_prefill"):
         engine.flash_ffn.dense_prefill = False  # score every token through the window
     t0 = time.perf_counter()
+    nlls: list = []
     with engine:
-        ppl, n = perplexity(engine, tokens, args.context, progress=True)
+        ppl, n = perplexity(engine, tokens, args.context, progress=True, per_token=nlls)
     result = {
         "perplexity": round(ppl, 4),
         "tokens": n,
@@ -301,9 +319,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
         **{k: v for k, v in engine.telemetry.summary().items() if k != "per_token"},
     }
-    print(
-        json.dumps(result)
-        if args.json
-        else f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})"
-    )
+    line = f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})"
+    if ref_source is not None:
+        dense = argparse.Namespace(**{**vars(args), "mode": "dense", "dram_budget": None})
+        ref: list = []
+        with open_engine(dense, ref_source, args.context) as ref_engine:
+            ref_ppl, _ = perplexity(ref_engine, tokens, args.context, progress=True, per_token=ref)
+        ratio, lo, hi = paired_ratio(torch.cat(nlls).numpy(), torch.cat(ref).numpy())
+        result["against"] = {
+            "model": str(args.against),
+            "perplexity": round(ref_ppl, 4),
+            "ratio": round(ratio, 4),
+            "ratio_95": [round(lo, 4), round(hi, 4)],
+        }
+        line += f"; {args.against} (dense) {ref_ppl:.4f}: ratio {ratio:.4f}"
+        line += f" (95%: {lo:.4f}-{hi:.4f})"
+    print(json.dumps(result) if args.json else line)
     return 0
