@@ -8,6 +8,7 @@ renames it into place, so an interrupted conversion never leaves a directory tha
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -104,6 +105,7 @@ def convert(
         )
         use_gptq = False
     fingerprint = source_fingerprint(source)
+    remove_stale_partials(out)
     if out.exists():
         if not out.is_dir():
             raise ModelFormatError(f"{out} exists and is not a directory")
@@ -147,6 +149,27 @@ def convert(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ConvertResult(out, True, written, layout.quant_name)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove the partial builds of `out` that conversions left when they were killed (SIGTERM,
+    SIGKILL, a reboot: their `finally` never ran) and whose process is gone: each can hold
+    gigabytes, and the next conversion builds under its own pid's name."""
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a conversion that was stopped", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        pass
+    return True
 
 
 def _write(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,6 +120,22 @@ def test_reconverting_is_a_no_op_and_another_model_is_refused(hf_model, tmp_path
     assert json.loads((out / "manifest.json").read_text())["config"]["family"] == "llama"
     assert convert(HFSource(hf_model("opt")), out, force=True, progress=False).converted
     assert json.loads((out / "manifest.json").read_text())["config"]["family"] == "opt"
+
+
+def test_a_killed_conversions_partial_build_is_removed_by_the_next(hf_model, tmp_path):
+    """A conversion killed mid-way (its `finally` never ran) leaves `.OUT.partial-PID`; the next
+    conversion of OUT removes it once that process is gone, and nothing else."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.partial-{dead.pid}"
+    live = tmp_path / f".m.partial-{os.getppid()}"  # a conversion still running
+    other = tmp_path / f".n.partial-{dead.pid}"  # another output's
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "ffn.bin").write_bytes(b"x" * 4096)
+    assert convert(HFSource(hf_model("llama")), tmp_path / "m", progress=False).converted
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name, other.name])
 
 
 def test_refuses_a_non_empty_directory_without_a_model(hf_model, tmp_path):
