@@ -123,7 +123,8 @@ def register(sub) -> None:
     p.add_argument(
         "--against",
         metavar="REF",
-        help="also score the text with REF (a model with the same tokenizer) in dense mode and "
+        help="also score the text with REF (a model with the same tokenizer) in dense mode, as "
+        "stored, and "
         "report the perplexity ratio to it, with a 95%% interval (a paired bootstrap over the "
         "tokens)",
     )
@@ -321,7 +322,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     line = f"perplexity {ppl:.4f} over {n} tokens (mode {engine.mode})"
     if ref_source is not None:
-        dense = argparse.Namespace(**{**vars(args), "mode": "dense", "dram_budget": None})
+        # the reference as stored: dense, no budget, its resident part unquantized
+        dense = {"mode": "dense", "dram_budget": None, "quant_resident": "none"}
+        dense = argparse.Namespace(**{**vars(args), **dense})
         ref: list = []
         with open_engine(dense, ref_source, args.context) as ref_engine:
             ref_ppl, _ = perplexity(ref_engine, tokens, args.context, progress=True, per_token=ref)
