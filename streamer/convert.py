@@ -91,6 +91,18 @@ def convert(
     for i in range(source.config.n_layers if own_blocks else 0):
         kept &= set(own_blocks(i, layout.kind))  # type: ignore[misc]
     use_gptq = gptq != "off" and wants_gptq(layout, kept if own_blocks else set())
+    own_kinds = getattr(source, "ffn_block_kinds", set)()
+    other_4bit = sorted(k.lower() for k in own_kinds if k in ("Q4_0", "Q4_1")) if own_kinds else []
+    if layout.kind.name in ("q4_0", "q4_1") and not kept & {"gate", "up"} and other_4bit:
+        log.warning(
+            "%s stores gate and up in %s: --quant %s quantizes those 4-bit values again, onto "
+            "another grid, which costs more perplexity than keeping them (--quant %s keeps the "
+            'file\'s own blocks; README, "Quantized bundles")',
+            source.description,
+            "/".join(other_4bit),
+            layout.kind.name,
+            other_4bit[0],
+        )
     if use_gptq and source.tokenizer() is None:
         if gptq == "on":
             raise ConfigError(

@@ -462,5 +462,13 @@ class GGUFSource:
                 out[part] = np.asarray(t.data, dtype=np.uint8)
         return out
 
+    def ffn_block_kinds(self) -> set[str]:
+        """The GGUF types the file stores its gate and up matrices in ("Q4_1", "F16", ...)."""
+        return {
+            t.tensor_type.name
+            for name, t in self.tensors.items()
+            if name.startswith("blk.") and name.endswith((".ffn_gate.weight", ".ffn_up.weight"))
+        }
+
     def tokenizer(self) -> TokenizerSpec | None:
         return TokenizerSpec.from_gguf_metadata(self.meta)

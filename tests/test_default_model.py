@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -80,7 +82,20 @@ def test_converted_default_decodes_like_the_gguf(gguf_source, tokenizer):
     assert greedy(converted, prompt) == greedy(gguf_source, prompt)
 
 
-def test_a_4_bit_conversion_keeps_the_files_own_gate_and_up_blocks(gguf_source, tmp_path):
+def test_q4_0_of_the_q4_1_file_says_it_quantizes_gate_and_up_again(gguf_source, tmp_path, caplog):
+    """The default file stores gate and up in Q4_1: --quant q4_0 warns, naming the kind that
+    keeps them."""
+    from streamer.convert import convert
+
+    with caplog.at_level(logging.WARNING, logger="streamer.convert"):
+        convert(gguf_source, tmp_path / "q4_0", quant="q4_0", gptq="off", progress=False)
+    assert "stores gate and up in q4_1: --quant q4_0 quantizes those 4-bit values again" in (
+        caplog.text
+    )
+    assert "--quant q4_1 keeps the file's own blocks" in caplog.text
+
+
+def test_a_4_bit_conversion_keeps_the_files_own_gate_and_up_blocks(gguf_source, tmp_path, caplog):
     """`--quant q4_1 --quant-down q8_0` of the default (Q4_1) file: every neuron's gate and up
     vectors are the file's own blocks, byte for byte; down, a column across the file's blocks,
     is quantized again, in 8 bits."""
@@ -89,7 +104,9 @@ def test_a_4_bit_conversion_keeps_the_files_own_gate_and_up_blocks(gguf_source, 
     from streamer.convert import convert
     from streamer.layout import ConvertedModel
 
-    out = convert(gguf_source, tmp_path / "q4", quant="q4_1", quant_down="q8_0", progress=False)
+    with caplog.at_level(logging.WARNING, logger="streamer.convert"):
+        out = convert(gguf_source, tmp_path / "q4", quant="q4_1", quant_down="q8_0", progress=False)
+    assert "quantizes those 4-bit values again" not in caplog.text
     model = ConvertedModel(out.directory)
     lay = model.layout
     assert lay.quant_name == "q4_1/q8_0" and lay.stride == 1536  # 2 x 360 + 612 bytes
