@@ -91,8 +91,9 @@ def convert(
     for i in range(source.config.n_layers if own_blocks else 0):
         kept &= set(own_blocks(i, layout.kind))  # type: ignore[misc]
     use_gptq = gptq != "off" and wants_gptq(layout, kept if own_blocks else set())
-    own_kinds = getattr(source, "ffn_block_kinds", set)()
-    other_4bit = sorted(k.lower() for k in own_kinds if k in ("Q4_0", "Q4_1")) if own_kinds else []
+    # a 4-bit file's gate and up put on the other 4-bit kind's grid: said, with what keeps them
+    own_kinds = {k.lower() for k in getattr(source, "ffn_block_kinds", set)()}
+    other_4bit = sorted(own_kinds & {"q4_0", "q4_1"} - {layout.kind.name})
     if layout.kind.name in ("q4_0", "q4_1") and not kept & {"gate", "up"} and other_4bit:
         log.warning(
             "%s stores gate and up in %s: --quant %s quantizes those 4-bit values again, onto "
