@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from streamer.errors import ConfigError
-from streamer.layerwise import LayerRun, MaskedFFN, nll, perplexity_of, shipped_text
+from streamer.layerwise import LayerRun, MaskedFFN, perplexity_of, shipped_text, token_nlls
 from streamer.layout import ConvertedModel, parse_dtype, record_selection
 from streamer.model import DenseFFN, FFNWeights, Transformer
 from streamer.predictor import META_FILE as PREDICTOR_META
@@ -128,11 +128,11 @@ def perplexity(
     total = [0.0, 0]
 
     def score(logits: torch.Tensor, seq: list[int]) -> None:
-        total[0] += nll(logits, seq)
+        nlls = token_nlls(logits, seq)
+        total[0] += nlls.sum().item()
         total[1] += len(seq) - 1
         if per_token is not None:
-            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-            per_token.append(-logp.gather(1, torch.tensor(seq[1:])[:, None])[:, 0])
+            per_token.append(nlls)
 
     run_tokens(model, tokens, chunk, score, progress=progress)
     if total[1] == 0:

@@ -66,10 +66,15 @@ class LayerRun:
         return perplexity_of(total, count), count
 
 
+def token_nlls(logits: torch.Tensor, seq: list[int]) -> torch.Tensor:
+    """Each of seq[1:]'s negative log-likelihoods [T - 1] (float32) under logits [T, vocab]."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return -logp.gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+
 def nll(logits: torch.Tensor, seq: list[int]) -> float:
     """The negative log-likelihood of seq[1:] under logits [T, vocab] of seq."""
-    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-    return -logp.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
+    return token_nlls(logits, seq).sum().item()
 
 
 def perplexity_of(total: float, count: int) -> float:
